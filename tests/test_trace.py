@@ -221,3 +221,22 @@ def test_graph_is_immutable():
         g.ops[0].flops = 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         g.name = "other"
+
+
+def test_convolution_flops_match_xla_including_strided_gradients():
+    from tag_jax.hlo import compiled_flops
+
+    def loss(w, x):
+        y = lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y ** 2)
+
+    w = jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)
+    x = jax.ShapeDtypeStruct((2, 9, 9, 4), jnp.float32)
+    fn = jax.grad(loss, argnums=(0, 1))
+    graph = trace(fn, w, x)
+    convs = [op for op in graph.ops if op.primitive == "conv_general_dilated"]
+    assert len(convs) == 3  # forward, input gradient (lhs-dilated), weight gradient
+    xla = compiled_flops(jax.jit(fn).lower(w, x).compile())
+    conv_flops = sum(op.flops for op in convs)
+    assert abs(graph.flops - xla) / xla < 0.05
+    assert conv_flops / graph.flops > 0.8

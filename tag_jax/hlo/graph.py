@@ -154,9 +154,11 @@ class OpGraph:
             for op in heavy:
                 if op.flops <= 0:
                     break
-                outs = " ".join(self.tensors[t].describe() for t in op.outputs[:2])
+                out = self.tensors[op.outputs[0]]
+                shape = f"{out.dtype.name}[{','.join(map(str, out.shape))}]"
                 share = 100.0 * op.flops / max(self.flops, 1.0)
-                lines.append(f"    {op.primitive:<22} {_si(op.flops):>9}FLOP {share:5.1f}%  -> {outs}")
+                lines.append(f"    {op.primitive:<14} {_si(op.flops):>9}FLOP {share:5.1f}%  {shape:<24} "
+                             f"{out.path or op.scope or '-'}")
         mix = ", ".join(f"{p} {n}" for p, n in self.primitives().most_common(12))
         lines.append(f"  primitives: {mix}")
         return "\n".join(lines)
