@@ -67,10 +67,20 @@ class Op:
     bytes: float  # bytes read and written, trip counts included
     trips: int = 1  # how many times the op runs per call (enclosing scan/while loops)
     scope: str = ""  # name stack: "transpose(jvp(...))" marks the backward pass
-    source: str = ""  # user source location, for error messages
     subgraphs: tuple["OpGraph", ...] = ()  # bodies of cond / while / scan, for costing
     trips_known: bool = True  # False for a while loop whose trip count is data-dependent
     eqn: Any = dataclasses.field(default=None, compare=False, repr=False, hash=False)
+
+    @property
+    def source(self) -> str:
+        """User source location (file:line (function)), for error messages; computed on demand."""
+        if self.eqn is None:
+            return ""
+        try:
+            from jax._src import source_info_util  # private, but the only way to a user frame
+            return source_info_util.summarize(self.eqn.source_info)
+        except Exception:
+            return ""
 
     @property
     def params(self) -> Mapping[str, Any]:

@@ -176,7 +176,7 @@ class _Builder:
         env.update(zip(eqn.outvars, outs))
         self.ops.append(Op(id=op_id, primitive=prim, inputs=tuple(ins), outputs=tuple(outs),
                            flops=flops, bytes=moved, trips=trips * inner_trips, scope=scope,
-                           source=_source(eqn), subgraphs=subgraphs, trips_known=known, eqn=eqn))
+                           subgraphs=subgraphs, trips_known=known, eqn=eqn))
 
     def _bodies(self, eqn: Any, in_roles: list[Role], trips: int) -> tuple[tuple[OpGraph, ...], int, bool]:
         """Sub-graphs of control flow, already multiplied by their trip counts."""
