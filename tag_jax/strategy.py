@@ -12,6 +12,7 @@ topology.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -41,7 +42,7 @@ class TensorSharding:
                 dims.append(tuple(entry))
         return TensorSharding(tuple(dims))
 
-    @property
+    @functools.cached_property  # frozen data: computed once (hot in propagation and pricing)
     def axes(self) -> tuple[str, ...]:
         """Every mesh axis that splits some dimension."""
         return tuple(a for d in self.dims for a in d)
@@ -79,7 +80,7 @@ class OpStrategy:
     inputs: tuple[TensorSharding, ...]
     outputs: tuple[TensorSharding, ...]
 
-    @property
+    @functools.cached_property
     def split_axes(self) -> tuple[str, ...]:
         """Mesh axes over which the op's work is divided (its FLOPs shrink by their product)."""
         seen: list[str] = []

@@ -37,6 +37,8 @@ class Factors:
     local: Callable[[Mapping[str, Any], Sequence[tuple], Sequence[tuple]], Mapping[str, Any]] | None = None
     # (params, local args, strategy, mesh_axes) -> local results, for ops whose values depend on position
     impl: Callable | None = None
+    # per input: exclusive upper bound for random integers in validation (index operands); None: default
+    index_bounds: tuple[int | None, ...] = ()
 
 
 def replicated_only(n_in: Sequence[int], n_out: Sequence[int]) -> Factors:
@@ -113,3 +115,13 @@ def _make(f: Factors, assign: Mapping[str, tuple[str, ...]], through: tuple[str,
 
 def _ordered(axes: tuple[str, ...], order: Sequence[str]) -> tuple[str, ...]:
     return tuple(a for a in order if a in axes)
+
+
+def position(axes: Sequence[str], mesh_axes: Mapping[str, int]) -> Any:
+    """Inside shard_map: this device's block index along a dimension split by `axes` (major to minor)."""
+    import jax
+
+    pos = 0
+    for k, a in enumerate(axes):
+        pos = pos + jax.lax.axis_index(a) * math.prod(mesh_axes[b] for b in axes[k + 1:])
+    return pos

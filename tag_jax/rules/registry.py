@@ -6,6 +6,7 @@ primitive names. Primitives without a rule run replicated only and are reported 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -19,6 +20,10 @@ Rule = Callable[[Sequence[Any], Sequence[Any], Mapping[str, Any]], Factors]
 _RULES: dict[str, Rule] = {}
 _PARAMS_IGNORED: set[str] = set()  # rules whose factors do not depend on params (keyed by shapes only)
 _CACHE: dict[Any, tuple[OpStrategy, ...]] = {}
+
+
+class RuleError(ValueError):
+    """A rule failed on an op, or one of its strategies is malformed or computes the wrong values."""
 
 
 def register(*names: str, uses_params: bool = True) -> Callable[[Rule], Rule]:
@@ -53,12 +58,26 @@ def factors(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any],
     rule = _RULES.get(primitive)
     if rule is None:
         return replicated_only([len(_shape(a)) for a in in_avals], [len(_shape(a)) for a in out_avals])
-    return rule(in_avals, out_avals, params)
+    try:
+        f = rule(in_avals, out_avals, params)
+    except Exception as exc:
+        shapes = ", ".join(str(_shape(a)) for a in in_avals)
+        raise RuleError(f"the sharding rule for `{primitive}` failed on inputs of shapes {shapes} with "
+                        f"params {sorted(params)}: {type(exc).__name__}: {exc}. This is a bug in "
+                        f"tag_jax.rules; until it is fixed, `tag_jax.rules.register('{primitive}')` a "
+                        f"rule returning `replicated_only(...)` to run the op replicated") from exc
+    if f.linear and any(np.dtype(getattr(a, "dtype", np.float32)) == np.bool_ for a in out_avals):
+        f = dataclasses.replace(f, linear=())  # booleans are never partial sums
+    return f
 
 
 def strategies(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any],
                params: Mapping[str, Any], mesh_axes: Mapping[str, int]) -> tuple[OpStrategy, ...]:
-    """Every communication-free way to run the op on the mesh; index 0 is full replication."""
+    """Every communication-free way to run the op on the mesh; index 0 is full replication.
+
+    `mesh_axes` maps axis names to sizes (a `jax.sharding.Mesh` or `tag_jax.strategy.MeshSpec` works too).
+    """
+    mesh_axes = mesh_axes_of(mesh_axes)
     key = _key(primitive, in_avals, out_avals, params, mesh_axes)
     hit = _CACHE.get(key)
     if hit is None:
@@ -71,7 +90,7 @@ def strategies(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any]
 
 def for_graph(graph: Any, mesh_axes: Mapping[str, int]) -> tuple[tuple[OpStrategy, ...], ...]:
     """One strategy list per op of `graph`, in op order (op i -> result[i])."""
-    mesh_axes = dict(mesh_axes)
+    mesh_axes = mesh_axes_of(mesh_axes)
     out = []
     for op in graph.ops:
         eqn = op.eqn
@@ -83,6 +102,17 @@ def for_graph(graph: Any, mesh_axes: Mapping[str, int]) -> tuple[tuple[OpStrateg
         out.append(strategies(op.primitive, [v.aval for v in eqn.invars], [v.aval for v in eqn.outvars],
                               eqn.params, mesh_axes))
     return tuple(out)
+
+
+def mesh_axes_of(mesh: Any) -> dict[str, int]:
+    """Axis sizes of a mapping, a `jax.sharding.Mesh` or a `MeshSpec`."""
+    if isinstance(mesh, Mapping):
+        return dict(mesh)
+    if hasattr(mesh, "axis_names") and hasattr(mesh, "shape"):
+        shape = mesh.shape
+        return dict(shape) if isinstance(shape, Mapping) else dict(zip(mesh.axis_names, shape))
+    raise TypeError(f"expected a mapping of mesh axis names to sizes, a Mesh or a MeshSpec; got "
+                    f"{type(mesh).__name__}")
 
 
 def unknown_primitives(graph_or_names: Any) -> tuple[str, ...]:

@@ -1,0 +1,68 @@
+"""`auto_shard(fn, mesh)`: the planner behind a jit-like function."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh
+
+from tag_jax.hlo.graph import OpGraph
+from tag_jax.plan import Plan, ShardedFunction
+
+
+def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topology=None,
+               time_budget_s: float = 10.0, memory_limit: float | None = None, seed: int = 0,
+               keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
+               progress: bool = False, compiler_options=None) -> ShardedFunction:
+    """Plan `fn` for `mesh` on `topology` and return a jit-like function.
+
+    `mesh`: a `jax.sharding.Mesh` (its axes and shape are kept; the planner chooses which device sits
+    where unless `keep_device_order`), a list of devices, or None for all devices (the planner
+    chooses the mesh shape and names its axes `data` and `model`). `topology` defaults to
+    `Topology.detect()`. `memory_limit` (bytes per device) defaults to the smallest device memory of
+    the topology times `tag_jax.cost.USABLE_MEMORY`. Plans are made once per input signature
+    (`.plan(*args)`, abstract arguments are fine) and deterministic for a given `seed`.
+    """
+    from tag_jax.topology import Topology
+
+    topo = Topology.detect() if topology is None else topology
+    shape = names = None
+    if isinstance(mesh, Mesh):
+        from tag_jax.emit.mesh import mesh_spec
+
+        spec = mesh_spec(mesh)
+        if spec.size == 0:
+            raise ValueError("the mesh is empty; pass a Mesh with at least one device")
+        device_ids = list(spec.device_ids)
+        shape, names = spec.shape, spec.axis_names
+    else:
+        devices = list(jax.devices() if mesh is None else mesh)
+        if not devices:
+            raise ValueError("no devices to plan for: pass a Mesh or a non-empty list of devices")
+        index = {d: k for k, d in enumerate(jax.devices())}
+        device_ids = [index[d] for d in devices]
+    if topo.num_devices < max(device_ids) + 1:
+        from tag_jax.topology import TopologyError
+
+        raise TopologyError(f"the mesh uses device ids up to {max(device_ids)} but topology "
+                            f"'{topo.name}' describes only {topo.num_devices} devices")
+
+    def planner(graph: OpGraph) -> Plan:
+        from tag_jax.cost.simulate import USABLE_MEMORY
+        from tag_jax.emit.mesh import make_mesh
+        from tag_jax.search.planner import search
+        from tag_jax import rules
+
+        limit = memory_limit
+        if limit is None:
+            limit = USABLE_MEMORY * min(topo.device_memory(i) for i in device_ids)
+        result = search(graph, topo, device_ids, mesh_shape=shape, axis_names=names,
+                        time_budget_s=time_budget_s, memory_limit=limit, seed=seed, progress=progress,
+                        permute=not keep_device_order)
+        strategy = result.strategy
+        op_strategies = rules.for_graph(graph, strategy.mesh.axes)
+        plan = Plan.build(graph, strategy, op_strategies, topo, jax_mesh=make_mesh(strategy.mesh))
+        object.__setattr__(plan, "search", result)  # how the plan was found, for summaries
+        return plan
+
+    return ShardedFunction(fn, planner, donate_argnums=donate_argnums, compiler_options=compiler_options)

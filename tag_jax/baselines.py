@@ -1,0 +1,266 @@
+"""The plans people write by hand, over the same strategy space as the planner.
+
+Each baseline fixes the argument shardings by a simple rule, then lets `propagate` choose every op's
+option greedily (and asks carried state to come out as it went in):
+
+- `data_parallel`: batch inputs split on dimension 0 over all mesh axes (as many as divide it),
+  parameters, optimizer state and other state replicated.
+- `fsdp` (ZeRO-3): batch as data parallel; every parameter and optimizer-state tensor split on its
+  largest dimension that the whole mesh divides. Ops are chosen as for data parallel (weights are
+  gathered where they are used) and the update produces the sharded state.
+- `megatron`: a (data, model) mesh. Batch on `data`; weights by the Megatron-LM recipe, recognised by
+  the names in their paths (`MEGATRON_COLUMN`, `MEGATRON_ROW`, embedding tables): column-parallel
+  kernels split their output (last) dimension over `model` (their biases too), row-parallel kernels
+  their input dimension (second to last), embedding tables their vocabulary (first) dimension;
+  everything else replicated. Optimizer state follows its parameter (matched by path suffix).
+  A 1-D mesh is viewed as (data, model) with model = devices per node of the topology (2 when no
+  topology is given); a 2-D mesh's first axis plays data and its second model.
+
+Each returns a `ShardedFunction`: call it, `.lower(*args)`, `.plan(*args) -> Plan`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+from jax.sharding import Mesh
+
+from tag_jax.hlo.graph import OpGraph, Role
+from tag_jax.plan import Plan, ShardedFunction
+from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
+
+MEGATRON_COLUMN = frozenset({"c_attn", "c_fc", "query", "key", "value", "wi", "fc1", "intermediate"})
+MEGATRON_ROW = frozenset({"c_proj", "out", "wo", "fc2", "output"})
+_NOT_VOCAB = ("pos", "wpe", "type", "rel")  # position / token-type / relative-bias tables stay replicated
+
+BASELINES = ("data_parallel", "fsdp", "megatron")
+
+
+# ---- argument shardings -------------------------------------------------------------------------
+
+def _split_dim(ndim: int, dim: int, axes: Sequence[str]) -> TensorSharding:
+    dims = [()] * ndim
+    dims[dim] = tuple(axes)
+    return TensorSharding(tuple(dims))
+
+
+def _dividing_axes(n: int, axes: Sequence[str], mesh_axes: Mapping[str, int]) -> tuple[str, ...]:
+    """The longest prefix of `axes` whose product divides n."""
+    out: list[str] = []
+    for a in axes:
+        if n % math.prod(mesh_axes[x] for x in out + [a]):
+            break
+        out.append(a)
+    return tuple(out)
+
+
+def _batch(shape: tuple[int, ...], axes: Sequence[str], mesh_axes: Mapping[str, int]) -> TensorSharding:
+    if not shape:
+        return TensorSharding.replicated(0)
+    use = _dividing_axes(shape[0], axes, mesh_axes)
+    return _split_dim(len(shape), 0, use) if use else TensorSharding.replicated(len(shape))
+
+
+def _largest_dim(shape: tuple[int, ...], axes: Sequence[str],
+                 mesh_axes: Mapping[str, int]) -> TensorSharding:
+    """Split the largest dimension the whole of `axes` divides (ties: the first); else replicate."""
+    k = math.prod(mesh_axes[a] for a in axes)
+    fits = [i for i, n in enumerate(shape) if n % k == 0 and n >= k]
+    if not fits or not axes:
+        return TensorSharding.replicated(len(shape))
+    dim = max(fits, key=lambda i: (shape[i], -i))
+    return _split_dim(len(shape), dim, axes)
+
+
+def megatron_dim(path: str, shape: tuple[int, ...]) -> int | None:
+    """Which dimension of a parameter Megatron-LM splits over `model` (None: replicated)."""
+    parts = path.split("/")
+    if "params" in parts:
+        parts = parts[parts.index("params") + 1:]
+    leaf = parts[-1] if parts else ""
+    if not shape:
+        return None
+    if any(p in MEGATRON_COLUMN for p in parts):
+        if leaf == "bias" or len(shape) == 1:
+            return 0
+        return len(shape) - 1
+    if any(p in MEGATRON_ROW for p in parts):
+        return None if len(shape) == 1 else len(shape) - 2
+    is_table = leaf == "embedding" or leaf.startswith("table") or "embed" in leaf
+    if is_table and len(shape) == 2 and not any(w in p for p in parts for w in _NOT_VOCAB):
+        return 0
+    return None
+
+
+def _follow_params(graph: OpGraph, shardings: dict[int, TensorSharding]) -> None:
+    """Give each optimizer-state tensor the sharding of the parameter whose path (after `params/`)
+    ends its own path and whose shape it has; replicate the rest."""
+    params = {}
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        if t.role == Role.PARAMETER and t.path:
+            parts = t.path.split("/")
+            tail = tuple(parts[parts.index("params") + 1:] if "params" in parts else parts[1:])
+            params[tail] = tid
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        if t.role != Role.OPTIMIZER_STATE:
+            continue
+        parts = tuple((t.path or "").split("/"))
+        match = None
+        for n in range(len(parts), 0, -1):
+            p = params.get(parts[-n:])
+            if p is not None and graph.tensors[p].shape == t.shape:
+                match = p
+                break
+        shardings[tid] = shardings[match] if match is not None else TensorSharding.replicated(len(t.shape))
+
+
+def input_shardings(kind: str, graph: OpGraph, mesh: MeshSpec) -> tuple[TensorSharding, ...]:
+    """The argument shardings of a baseline (`data_parallel`, `fsdp` or `megatron`)."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; baselines are {BASELINES}")
+    axes = mesh.axes
+    names = mesh.axis_names
+    if kind == "megatron" and len(names) != 2:
+        raise ValueError(f"megatron needs a (data, model) mesh; got axes {axes}")
+    out: dict[int, TensorSharding] = {}
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        if t.role == Role.BATCH:
+            out[tid] = _batch(t.shape, names[:1] if kind == "megatron" else names, axes)
+        elif t.role in (Role.PARAMETER, Role.OPTIMIZER_STATE) and kind == "fsdp":
+            out[tid] = _largest_dim(t.shape, names, axes)
+        elif t.role == Role.PARAMETER and kind == "megatron":
+            dim = megatron_dim(t.path or "", t.shape)
+            model = names[1]
+            if dim is not None and t.shape[dim] % axes[model] == 0:
+                out[tid] = _split_dim(len(t.shape), dim, (model,))
+            else:
+                out[tid] = TensorSharding.replicated(len(t.shape))
+        else:
+            out[tid] = TensorSharding.replicated(len(t.shape))
+    if kind == "megatron":
+        _follow_params(graph, out)
+    return tuple(out[t] for t in graph.inputs)
+
+
+def baseline_strategy(kind: str, graph: OpGraph, op_strategies, mesh: MeshSpec) -> Strategy:
+    """The baseline's whole strategy: its argument shardings, then op options by `propagate`."""
+    from tag_jax.search.propagate import carried_outputs, propagate
+
+    ins = input_shardings(kind, graph, mesh)
+    by_input = dict(zip(graph.inputs, ins))
+    wanted = {out: by_input[src] for out, src in carried_outputs(graph).items()}
+    # FSDP computes as data parallel (weights gathered at use); only the stored state is sharded.
+    seed = input_shardings("data_parallel", graph, mesh) if kind == "fsdp" else ins
+    prefer = _megatron_prefer(graph, mesh, ins) if kind == "megatron" else None
+    choices = propagate(graph, op_strategies, mesh, seed, outputs=wanted, prefer=prefer)
+    return Strategy(mesh, choices, ins, name=kind)
+
+
+def _megatron_prefer(graph: OpGraph, mesh: MeshSpec, ins: Sequence[TensorSharding]):
+    """Megatron's rules for the greedy pass, as byte penalties:
+    weights are used where they lie (resharding a parameter argument costs 1000x its bytes, so
+    the column/row-parallel matmuls are chosen even where moving small weights would be cheaper);
+    `data` and `model` never split the same dimension; and any use of `model` costs one byte more,
+    so that ties do not spread it over activations where slicing is free."""
+    from tag_jax.search.propagate import reshard_bytes
+
+    data, model = mesh.axis_names
+    axes = mesh.axes
+    params = {t: s for t, s in zip(graph.inputs, ins) if graph.tensors[t].role == Role.PARAMETER}
+
+    def prefer(op, s) -> float:
+        penalty = 1000.0 * sum(reshard_bytes(params[t], want, graph.tensors[t].nbytes, axes)
+                               for t, want in zip(op.inputs, s.inputs) if t in params)
+        if model in s.split_axes:
+            penalty += 1.0
+            if any(data in d and model in d for t in s.inputs + s.outputs for d in t.dims):
+                penalty += float(sum(graph.tensors[t].nbytes for t in op.inputs + op.outputs))
+        return -penalty
+
+    return prefer
+
+
+# ---- meshes and topologies ----------------------------------------------------------------------
+
+def check_topology(topology: Any, mesh: MeshSpec) -> None:
+    """Raise TopologyError unless the topology describes every device of the mesh."""
+    from tag_jax.topology import TopologyError
+
+    if topology.num_devices < mesh.size:
+        raise TopologyError(
+            f"the mesh {mesh.axes} has {mesh.size} devices but topology '{topology.name}' describes "
+            f"only {topology.num_devices}; pass a topology of all the mesh's devices "
+            "(Topology.detect() sees every device JAX has) or use a smaller mesh")
+    topology.check_ids(mesh.device_ids)
+
+
+def megatron_mesh(mesh: MeshSpec, topology: Any = None) -> MeshSpec:
+    """(data, model) view of a mesh: 2-D meshes as they are; a 1-D mesh reshaped with
+    model = devices per node (of the topology, restricted to the mesh; 2 without a topology)."""
+    from tag_jax.emit.mesh import reshape_spec
+
+    if len(mesh.shape) == 2:
+        return mesh
+    if len(mesh.shape) != 1:
+        raise ValueError(f"megatron takes a 1-D or (data, model) 2-D mesh, got axes {mesh.axes}")
+    n = mesh.size
+    if topology is None:
+        per_node = 2
+    else:
+        ids = set(mesh.device_ids)
+        counts = [len(ids.intersection(node)) for node in topology.nodes]
+        per_node = min(c for c in counts if c) if any(counts) else 1
+    model = math.gcd(per_node, n)
+    return reshape_spec(mesh, (n // model, model), ("data", "model"))
+
+
+def _planner(kind: str, mesh: Mesh, topology: Any) -> Callable[[OpGraph], Plan]:
+    from tag_jax.emit.mesh import make_mesh, mesh_spec
+
+    spec = mesh_spec(mesh)
+    if kind == "megatron":
+        spec = megatron_mesh(spec, topology)
+    if topology is None:
+        from tag_jax.topology import Topology
+
+        topology = Topology.detect()
+    check_topology(topology, spec)
+
+    def plan(graph: OpGraph) -> Plan:
+        from tag_jax import rules
+
+        op_strategies = rules.for_graph(graph, spec.axes)
+        strategy = baseline_strategy(kind, graph, op_strategies, spec)
+        return Plan.build(graph, strategy, op_strategies, topology, jax_mesh=make_mesh(spec))
+
+    return plan
+
+
+def _baseline(kind: str, fn: Callable, mesh: Mesh, topology: Any, donate_argnums,
+              compiler_options) -> ShardedFunction:
+    return ShardedFunction(fn, _planner(kind, mesh, topology), donate_argnums=donate_argnums,
+                           compiler_options=compiler_options)
+
+
+def data_parallel(fn: Callable, mesh: Mesh, topology: Any = None, *,
+                  donate_argnums: int | Sequence[int] = (),
+                  compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
+    """Batch split over every mesh axis; parameters and optimizer state replicated."""
+    return _baseline("data_parallel", fn, mesh, topology, donate_argnums, compiler_options)
+
+
+def fsdp(fn: Callable, mesh: Mesh, topology: Any = None, *,
+         donate_argnums: int | Sequence[int] = (),
+         compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
+    """ZeRO-3: batch as data parallel; parameters and optimizer state split over every mesh axis."""
+    return _baseline("fsdp", fn, mesh, topology, donate_argnums, compiler_options)
+
+
+def megatron(fn: Callable, mesh: Mesh, topology: Any = None, *,
+             donate_argnums: int | Sequence[int] = (),
+             compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
+    """Megatron-LM 2-D: batch over `data`, column/row-parallel weights over `model`."""
+    return _baseline("megatron", fn, mesh, topology, donate_argnums, compiler_options)

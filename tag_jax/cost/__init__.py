@@ -1,0 +1,9 @@
+"""The simulator: per-device compute, resharding and gradient collectives priced on the topology,
+overlap of communication with compute, and per-device peak memory from tensor lifetimes."""
+from tag_jax.cost.reshard import Comm, comm_time, reshard_collectives  # noqa: F401
+from tag_jax.cost.simulate import (  # noqa: F401
+    COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, USABLE_MEMORY, Cost, Simulator, fits, simulate)
+from tag_jax.cost.incremental import Incremental  # noqa: F401
+
+__all__ = ["Comm", "comm_time", "reshard_collectives", "Cost", "Simulator", "Incremental",
+           "simulate", "fits", "COMPUTE_EFFICIENCY", "MEMORY_EFFICIENCY", "USABLE_MEMORY"]

@@ -1,0 +1,162 @@
+"""Resharding: which collectives turn one tensor sharding into another, as XLA's SPMD partitioner does.
+
+`reshard_collectives(src, dst, shape, dtype, mesh)` returns the collectives, in order, each with the
+mesh axes it runs over and its per-device RESULT bytes (the convention of `tag_jax.hlo.compiled` and
+`Topology.collective_time`). The steps follow what XLA 0.10's partitioner was seen to emit on 8 CPU
+devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
+
+1. Free slices. A dimension whose new split only appends mesh axes to the old one (old is a prefix
+   of new) and whose new axes split nothing else in `src` is cut locally (dynamic-slice): no comm.
+   XLA does this FIRST, so later collectives move the smaller piece
+   (``P(None,b) -> P(a,None)`` is one all-gather over b of the (n/2, m) block).
+2. Partial sums. Axes partial in `src` but not in `dst` are reduced. Those that `dst` uses to split
+   ONE dimension (as a prefix extension) become one reduce-scatter (bytes = the shard each device
+   keeps); the rest one all-reduce of the (already scattered) local piece. When the scattered axes
+   would land on two or more dimensions XLA does not form a reduce-scatter: all of them are
+   all-reduced and then sliced. Axes partial in `dst` but not in `src` cost nothing (a local select).
+3. All-gathers. Dimensions that drop trailing axes (new is a prefix of old) gather them, last
+   dimension first (XLA's order), bytes = the gathered local result.
+4. Re-ordering within a dimension (neither split is a prefix of the other, e.g. ``(a,b) -> (b,a)`` or
+   ``a -> b``): a collective-permute of the local piece; when the new split is coarser, followed by an
+   all-gather over the axes that left (XLA: ``(a,b) -> b`` is a permute then an all-gather over a).
+5. Axes moving from one dimension to another: one all-to-all per (from, to) pair of dimensions over
+   those axes, bytes = the local buffer (all-to-all keeps its size). XLA gathers first, then moves.
+
+Known differences (rare in plans): a swap ``P(a,b) -> P(b,a)`` is priced as two all-to-alls where
+XLA emits an all-to-all and a collective-permute of the same size; in step 4 the gather group XLA uses
+can be smaller than the axes priced here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from tag_jax.strategy import MeshSpec, TensorSharding
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comm:
+    """One collective of a resharding: its kind, the mesh axes its groups vary along, and the
+    per-device result bytes (all-reduce: the array; all-gather: the gathered array; reduce-scatter:
+    the kept shard; all-to-all: the local buffer; collective-permute: the bytes each device sends)."""
+
+    kind: str
+    axes: tuple[str, ...]
+    bytes: int
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Comm kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+def _local_bytes(shape: Sequence[int], dims: Sequence[Sequence[str]], itemsize: int,
+                 sizes: dict[str, int]) -> int:
+    n = 1
+    for extent, d in zip(shape, dims):  # XLA pads uneven shards up to the ceiling
+        n *= -(-extent // math.prod(sizes[a] for a in d)) if d else extent
+    return int(n * itemsize)
+
+
+def _check(s: TensorSharding, shape: Sequence[int], sizes: dict[str, int], what: str) -> None:
+    if len(s.dims) != len(shape):
+        raise ValueError(f"{what} sharding {s} has {len(s.dims)} dims but the tensor has shape "
+                         f"{tuple(shape)}; give one entry per dimension")
+    for a in s.axes + s.partial:
+        if a not in sizes:
+            raise ValueError(f"{what} sharding {s} names mesh axis {a!r}, which the mesh "
+                             f"{sizes} does not have")
+
+
+def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequence[int], dtype,
+                        mesh: MeshSpec) -> tuple[Comm, ...]:
+    """The collectives that turn a tensor of `shape`/`dtype` sharded as `src` into `dst`, in order."""
+    if src == dst:
+        return ()
+    sizes = mesh.axes
+    _check(src, shape, sizes, "source")
+    _check(dst, shape, sizes, "target")
+    itemsize = np.dtype(dtype).itemsize
+    ndim = len(shape)
+    cur = [list(d) for d in src.dims]
+    comms: list[Comm] = []
+
+    def local() -> int:
+        return _local_bytes(shape, cur, itemsize, sizes)
+
+    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
+    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
+    moved = {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+    s_ = [tuple(a for a in d if a not in moved) for d in src.dims]
+    d_ = [tuple(a for a in d if a not in moved) for d in dst.dims]
+    reduce = [a for a in src.partial if a not in dst.partial]
+
+    # 1. free slices, and the reduce-scatter candidates of step 2
+    scatter: dict[int, list[str]] = {}
+    for i in range(ndim):
+        if d_[i][:len(s_[i])] == s_[i]:
+            for a in d_[i][len(s_[i]):]:
+                if a in src_where:
+                    continue  # used elsewhere in src: cannot slice locally (handled below)
+                if a in reduce:
+                    scatter.setdefault(i, []).append(a)
+                elif a not in src.partial:
+                    cur[i].append(a)
+
+    # 2. partial sums
+    if reduce:
+        if len(scatter) == 1:
+            (i, axes), = scatter.items()
+            cur[i].extend(axes)
+            comms.append(Comm("reduce-scatter", tuple(axes), local()))
+            rest = tuple(a for a in reduce if a not in axes)
+        else:
+            rest = tuple(reduce)
+        if rest:
+            comms.append(Comm("all-reduce", rest, local()))
+        for i, axes in scatter.items():  # slices after an all-reduce are free
+            for a in axes:
+                if a not in cur[i]:
+                    cur[i].append(a)
+
+    # 3. all-gathers of trailing axes, last dimension first
+    for i in reversed(range(ndim)):
+        if s_[i][:len(d_[i])] == d_[i] and len(s_[i]) > len(d_[i]):
+            gone = s_[i][len(d_[i]):]
+            cur[i] = [a for a in cur[i] if a not in gone]
+            comms.append(Comm("all-gather", tuple(gone), local()))
+
+    # 4. re-ordering within a dimension
+    for i in range(ndim):
+        if s_[i][:len(d_[i])] != d_[i] and d_[i][:len(s_[i])] != s_[i]:
+            n_src = math.prod(sizes[a] for a in s_[i])
+            n_dst = math.prod(sizes[a] for a in d_[i])
+            kept_moved = [a for a in cur[i] if a in moved]
+            axes = tuple(dict.fromkeys(s_[i] + d_[i]))
+            if n_dst >= n_src:
+                cur[i] = list(d_[i]) + kept_moved
+                comms.append(Comm("collective-permute", axes, local()))
+            else:
+                comms.append(Comm("collective-permute", axes, local()))
+                cur[i] = list(d_[i]) + kept_moved
+                gone = tuple(a for a in s_[i] if a not in d_[i])
+                comms.append(Comm("all-gather", gone, local()))
+
+    # 5. all-to-alls for axes changing dimension
+    pairs: dict[tuple[int, int], list[str]] = {}
+    for a in sorted(moved, key=lambda a: (src_where[a], src.dims[src_where[a]].index(a))):
+        pairs.setdefault((src_where[a], dst_where[a]), []).append(a)
+    for (i, j), axes in pairs.items():
+        cur[i] = [a for a in cur[i] if a not in axes]
+        cur[j] = cur[j] + axes
+        comms.append(Comm("all-to-all", tuple(axes), local()))
+    return tuple(c for c in comms if c.bytes > 0 and math.prod(sizes[a] for a in c.axes) > 1)
+
+
+def comm_time(comm: Comm, mesh: MeshSpec, topology) -> float:
+    """Seconds for `comm` on the topology: its device groups run at once, the slowest bounds."""
+    return max(topology.collective_time(comm.kind, comm.bytes, g) for g in mesh.groups(comm.axes))

@@ -1,0 +1,554 @@
+"""The simulator: what a strategy costs (time, communication, memory) on a topology. Never compiles.
+
+Semantics of a `Strategy` on an `OpGraph` with per-op strategy lists `op_strategies`
+(`op_strategies[i][0]` replicated, as `tag_jax.rules.for_graph` gives them):
+
+- graph input k is sharded as `strategy.input_shardings[k]`; constants are replicated;
+- op i runs as `op_strategies[i][strategy.choices[i]]`; its outputs get that strategy's shardings;
+- where a tensor's sharding differs from what a consumer wants, the tensor is resharded
+  (`reshard.reshard_collectives`); one (tensor, target) reshard is done once and reused;
+- a graph output left partial is all-reduced (the program's out_shardings are never partial);
+  with `Simulator(..., carried={output id: input id})` (e.g. from
+  `tag_jax.search.propagate.carried_outputs(graph)`) those outputs are instead resharded to the
+  sharding their input came in with, so a plan's steady state (state in = state out) is priced.
+
+Time. Compute of op i = max(flops / (shards * rate * COMPUTE_EFFICIENCY),
+local bytes / (memory bandwidth * MEMORY_EFFICIENCY)) where shards = product of the sizes of
+`OpStrategy.split_axes` and rate/bandwidth are the MINIMUM over the mesh's devices (work is split
+evenly, so the slowest device bounds every op). The rate is the device's dense 16-bit peak
+(`Device.flops`) when the op's floating operands are 16-bit or narrower, else its fp32 peak
+(`Device.flops_fp32`; TF32 is not assumed). Collectives are priced with `comm_time` (max over the
+parallel device groups). With `overlap=True` there are two resources, one compute stream running ops
+in program order and one communication stream running reshards first-in first-out in order of
+their source tensor's readiness; a reshard starts when its source is ready and the stream is free,
+and its consumers wait for it. So gradient all-reduces overlap with the rest of the backward pass.
+A reshard with no collective (a local slice) costs nothing and waits for nothing.
+step_time = makespan. With `overlap=False` step_time = compute + comm.
+Not modelled: XLA's fusion (each op is priced alone, so chains of elementwise ops pay their memory
+traffic once each), kernel launch overheads, collectives inside loop bodies (a scan/while op is one
+op whose operands are resharded at its boundary), and the memory a loop body uses internally.
+
+Memory (per device). Graph inputs and constants live for the whole step (no donation); an op's
+output lives from its producer to its last consumer (graph outputs to the end); a resharded copy
+lives from its first consumer to its last (reshards are placed just in time, as XLA's scheduler does
+for memory, even though the time model issues them early). A tensor's local bytes are its bytes
+divided by the shards of its sharding (partial sums are full size). peak = max over the op order.
+
+`Simulator` precomputes per-graph arrays once (`with_mesh` reuses them for another mesh, and the
+compute table too when only the device order changes); `cost(strategy)` is vectorised with numpy
+and caches reshard prices per (shape, dtype, src, dst); only the overlap schedule is a Python loop,
+over the reshards. GPT-2 small (5,781 ops, ~17 options per op from `rules.for_graph`) on one CPU
+core: ~500-900 full evaluations/s for coherent plans (hundreds of reshards), ~170/s for uniformly
+random choices (~7,500 reshards). `incremental(strategy)` re-prices moves of a few ops with the
+no-overlap time in ~25-100 us (see `tag_jax.cost.incremental`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from tag_jax.cost.reshard import KINDS, Comm, comm_time, reshard_collectives
+from tag_jax.hlo.graph import OpGraph
+from tag_jax.strategy import MeshSpec, OpStrategy, Strategy, TensorSharding
+
+# Fraction of the vendor dense peak that real kernels reach: 40-70% (REFERENCE.md); 0.5 is the middle.
+COMPUTE_EFFICIENCY = 0.5
+# Fraction of peak memory bandwidth that streaming kernels reach (STREAM-like, typically 75-90%).
+MEMORY_EFFICIENCY = 0.8
+# Share of device memory a plan may use: the rest goes to the runtime, workspaces, fragmentation.
+USABLE_MEMORY = 0.9
+
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Predicted cost of one training step, per device."""
+
+    step_time_s: float
+    compute_s: float
+    comm_s: float  # sum of collective durations (not all on the critical path when overlapped)
+    comm_bytes: int  # per-device result bytes of all collectives (as compiled.collective_bytes_by_kind)
+    comm_bytes_by_kind: Mapping[str, int]
+    peak_memory_bytes: int
+    per_op: tuple[tuple[int, float, float], ...] | None = None  # (op id, compute s, reshard s in)
+    reshards: tuple[tuple[int, TensorSharding, TensorSharding, tuple[Comm, ...], float], ...] | None = None
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k} {_si(v)}B" for k, v in self.comm_bytes_by_kind.items() if v) or "none"
+        exposed = max(0.0, self.step_time_s - self.compute_s)
+        lines = [f"step {self.step_time_s * 1e3:.3f} ms: compute {self.compute_s * 1e3:.3f} ms, "
+                 f"communication {self.comm_s * 1e3:.3f} ms ({exposed * 1e3:.3f} ms exposed)",
+                 f"  per-device collectives {_si(self.comm_bytes)}B: {kinds}",
+                 f"  per-device peak memory {_si(self.peak_memory_bytes)}B"]
+        if self.reshards:
+            worst = sorted(self.reshards, key=lambda r: -r[4])[:5]
+            lines.append("  costliest reshards:")
+            for tid, src, dst, comms, secs in worst:
+                what = " + ".join(f"{c.kind}({','.join(c.axes)}) {_si(c.bytes)}B" for c in comms)
+                lines.append(f"    t{tid} {src} -> {dst}: {what}, {secs * 1e3:.3f} ms")
+        return "\n".join(lines)
+
+
+def fits(cost: Cost, topology, mesh: MeshSpec, usable: float = USABLE_MEMORY) -> bool:
+    """Whether the per-device peak fits in `usable` of the smallest memory among the mesh's devices."""
+    return cost.peak_memory_bytes <= usable * min(topology.device_memory(i) for i in mesh.device_ids)
+
+
+def simulate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], strategy: Strategy,
+             topology, *, overlap: bool = True) -> Cost:
+    """The cost of `strategy` (see the module docstring). Build a `Simulator` to price many.
+
+    The last few simulators are kept (by identity of graph and strategy lists, and topology), so
+    repeated calls on one graph do not redo the per-graph precomputation.
+    """
+    for k, (g, strats, topo, sim) in enumerate(_RECENT):
+        if g is graph and strats is op_strategies and topo == topology:
+            if sim.mesh != strategy.mesh:
+                sim = sim.with_mesh(strategy.mesh)
+                _RECENT[k] = (g, strats, topo, sim)
+            break
+    else:
+        sim = Simulator(graph, op_strategies, topology, strategy.mesh)
+        _RECENT.insert(0, (graph, op_strategies, topology, sim))
+        del _RECENT[4:]
+    return sim.cost(strategy, overlap=overlap)
+
+
+_RECENT: list = []
+
+
+class _Interner:
+    def __init__(self):
+        self.ids: dict = {}
+        self.items: list = []
+
+    def __call__(self, x) -> int:
+        i = self.ids.get(x)
+        if i is None:
+            i = self.ids[x] = len(self.items)
+            self.items.append(x)
+        return i
+
+
+class Simulator:
+    """Prices strategies of one graph on one mesh of one topology; build once, call `cost` often."""
+
+    def __init__(self, graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], topology,
+                 mesh: MeshSpec, *, efficiency: float = COMPUTE_EFFICIENCY,
+                 memory_efficiency: float = MEMORY_EFFICIENCY,
+                 carried: Mapping[int, int] | None = None, _shared=None):
+        if len(op_strategies) != len(graph.ops):
+            raise ValueError(f"op_strategies has {len(op_strategies)} lists but graph {graph.name} has "
+                             f"{len(graph.ops)} ops; pass rules.for_graph(graph, mesh.axes)")
+        self.graph, self.op_strategies, self.topology, self.mesh = graph, op_strategies, topology, mesh
+        self.efficiency, self.memory_efficiency = efficiency, memory_efficiency
+        topology.check_ids(mesh.device_ids)
+        self._sh = _shared if _shared is not None else self._precompute_graph()
+        self.carried = self._check_carried(carried or {})
+        self._precompute_mesh()
+
+    def with_mesh(self, mesh: MeshSpec) -> "Simulator":
+        """The same graph on another mesh, reusing per-graph arrays (and the compute table when only
+        the device order changes). The op strategies must suit the new mesh: `rules.for_graph`
+        depends on the axis names and sizes, so a new mesh shape usually needs a new Simulator."""
+        return Simulator(self.graph, self.op_strategies, self.topology, mesh,
+                         efficiency=self.efficiency, memory_efficiency=self.memory_efficiency,
+                         carried=self.carried, _shared=self._sh)
+
+    def _check_carried(self, carried: Mapping[int, int]) -> dict[int, int]:
+        g, sh = self.graph, self._sh
+        produced = set(sh["outputs"].tolist())
+        inputs = set(g.inputs)
+        out = {}
+        for o, i in carried.items():
+            o, i = int(o), int(i)
+            if o not in g.outputs or i not in inputs:
+                raise ValueError(f"carried {{{o}: {i}}}: keys must be graph outputs and values graph "
+                                 f"inputs (tensor ids); see tag_jax.search.propagate.carried_outputs")
+            if g.tensors[o].shape != g.tensors[i].shape:
+                raise ValueError(f"carried output {g.tensors[o].describe()} and input "
+                                 f"{g.tensors[i].describe()} differ in shape")
+            if o in produced:
+                out[o] = i
+        self._carry_out = np.array(sorted(out), np.int64)
+        self._carry_in = np.array([out[o] for o in sorted(out)], np.int64)
+        self._free_outs = np.array(sorted(produced - set(out)), np.int64)
+        return out
+
+    # ---- per-graph precomputation (mesh independent) --------------------------------------------
+    def _precompute_graph(self) -> dict:
+        g, strats = self.graph, self.op_strategies
+        sh = _Interner()
+        n_ops, n_t = len(g.ops), len(g.tensors)
+        nst = np.array([len(s) for s in strats], dtype=np.int64)
+        for i, s in enumerate(strats):
+            if not s:
+                raise ValueError(f"op {g.ops[i].where()} has no strategies; index 0 must be replicated")
+        row_base = np.concatenate([[0], np.cumsum(nst)[:-1]]).astype(np.int64)
+        e_t, e_op, e_pos, o_t, o_op, o_pos = [], [], [], [], [], []
+        want, give = [], []  # flat sharding ids: [op][strategy][position]
+        in_base, out_base = np.zeros(n_ops, np.int64), np.zeros(n_ops, np.int64)
+        splits = _Interner()
+        row_split = []
+        for i, op in enumerate(g.ops):
+            in_base[i], out_base[i] = len(want), len(give)
+            for k, s in enumerate(strats[i]):
+                row_split.append(splits(s.split_axes))
+                if len(s.inputs) != len(op.inputs) or len(s.outputs) != len(op.outputs):
+                    raise ValueError(f"strategy {k} ({s.name!r}) of {op.where()} has {len(s.inputs)} "
+                                     f"inputs/{len(s.outputs)} outputs; the op has {len(op.inputs)}/"
+                                     f"{len(op.outputs)}")
+                want.extend(sh(x) for x in s.inputs)
+                give.extend(sh(x) for x in s.outputs)
+            for p, t in enumerate(op.inputs):
+                e_t.append(t), e_op.append(i), e_pos.append(p)
+            for p, t in enumerate(op.outputs):
+                o_t.append(t), o_op.append(i), o_pos.append(p)
+        nin = np.array([len(op.inputs) for op in g.ops], np.int64)
+        nout = np.array([len(op.outputs) for op in g.ops], np.int64)
+        shapes = _Interner()
+        t_shape = np.array([shapes((t.shape, t.dtype.str)) for t in g.tensors], np.int64)
+        producer = np.array([-1 if t.producer is None else t.producer for t in g.tensors], np.int64)
+        nbytes = np.array([t.nbytes for t in g.tensors], np.float64)
+        is_input = np.zeros(n_t, bool)
+        is_input[list(g.inputs)] = True
+        out_set = set(g.outputs)
+        last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
+                         for t in g.tensors], np.int64)
+        for t in out_set:
+            last[t] = n_ops
+        e_t, e_op = np.array(e_t, np.int64), np.array(e_op, np.int64)
+        e_pos = np.array(e_pos, np.int64)
+        o_t, o_op, o_pos = (np.array(x, np.int64) for x in (o_t, o_op, o_pos))
+        # per op: 16-bit or not, FLOPs, bytes, and the bytes of its operands (for the roofline)
+        is16 = np.zeros(n_ops, bool)
+        for i, op in enumerate(g.ops):
+            floats = [g.tensors[t].dtype for t in op.inputs + op.outputs
+                      if jnp.issubdtype(g.tensors[t].dtype, jnp.floating)]
+            is16[i] = bool(floats) and max(d.itemsize for d in floats) <= 2
+        op_io = np.array([sum(g.tensors[t].nbytes for t in op.inputs + op.outputs) for op in g.ops],
+                         np.float64)
+        # (row, sharding id, tensor bytes) for every operand of every (op, strategy) row
+        row_of_in = np.repeat(np.arange(len(nst) and int(nst.sum())), np.repeat(nin, nst))
+        row_of_out = np.repeat(np.arange(len(nst) and int(nst.sum())), np.repeat(nout, nst))
+        in_nbytes = np.concatenate([np.tile(nbytes[list(op.inputs)], len(strats[i]))
+                                    for i, op in enumerate(g.ops)] or [np.zeros(0)])
+        out_nbytes = np.concatenate([np.tile(nbytes[list(op.outputs)], len(strats[i]))
+                                     for i, op in enumerate(g.ops)] or [np.zeros(0)])
+        consumers_of: list[list[tuple[int, int]]] = [[] for _ in range(n_t)]
+        for t, i, p in zip(e_t.tolist(), e_op.tolist(), e_pos.tolist()):
+            consumers_of[t].append((i, p))
+        return dict(sh=sh, nst=nst, row_base=row_base, want=np.array(want, np.int64),
+                    give=np.array(give, np.int64), in_base=in_base, out_base=out_base, nin=nin,
+                    nout=nout, e_t=e_t, e_op=e_op, e_pos=e_pos, o_t=o_t, o_op=o_op, o_pos=o_pos,
+                    t_shape=t_shape, shapes=shapes, producer=producer, nbytes=nbytes,
+                    is_input=is_input, free=(producer < 0) & ~is_input, last=last,
+                    outputs=np.array(sorted(out_set - set(g.inputs)), np.int64),
+                    consumers_of=consumers_of, n_ops=n_ops, repl={},
+                    splits=splits, row_split=np.array(row_split, np.int64), is16=is16, op_io=op_io,
+                    op_flops=np.array([op.flops for op in g.ops], np.float64),
+                    op_bytes=np.array([op.bytes for op in g.ops], np.float64),
+                    row_op=np.repeat(np.arange(n_ops), nst),
+                    io_row=np.concatenate([row_of_in, row_of_out]),
+                    io_sid=np.concatenate([np.array(want, np.int64), np.array(give, np.int64)]),
+                    io_nbytes=np.concatenate([in_nbytes, out_nbytes]), comp_cache={})
+
+    # ---- per-mesh precomputation ----------------------------------------------------------------
+    def _precompute_mesh(self) -> None:
+        g, topo, mesh, sh = self.graph, self.topology, self.mesh, self._sh
+        sizes = mesh.axes
+        devs = [topo.device(i) for i in mesh.device_ids]
+        rate16 = min(d.flops for d in devs) * self.efficiency
+        rate32 = min(d.flops_fp32 for d in devs) * self.efficiency
+        bw = min(d.memory_bandwidth for d in devs) * self.memory_efficiency
+        key = (tuple(mesh.shape), mesh.axis_names, frozenset(mesh.device_ids), self.efficiency,
+               self.memory_efficiency)
+        self._shards = np.zeros(0, np.float64)
+        self._ensure_shards()
+        comp = sh["comp_cache"].get(key)
+        if comp is None:
+            split_shards = np.ones(len(sh["splits"].items))
+            for k, axes in enumerate(sh["splits"].items):
+                for a in axes:
+                    if a not in sizes:
+                        row = int(np.flatnonzero(sh["row_split"] == k)[0])
+                        i = int(sh["row_op"][row])
+                        st = self.op_strategies[i][row - int(sh["row_base"][i])]
+                        raise ValueError(f"strategy {st.name!r} of {g.ops[i].where()} uses mesh axis "
+                                         f"{a!r}; the mesh has axes {sizes}")
+                split_shards[k] = math.prod(sizes[a] for a in axes)
+            n_rows = len(sh["row_op"])
+            local = np.bincount(sh["io_row"], sh["io_nbytes"] / self._shards[sh["io_sid"]],
+                                minlength=n_rows)
+            op = sh["row_op"]
+            shards = split_shards[sh["row_split"]]
+            io = sh["op_io"][op]
+            moved = np.where(io > 0, sh["op_bytes"][op] * local / np.where(io > 0, io, 1),
+                             sh["op_bytes"][op] / shards)
+            rate = np.where(sh["is16"][op], rate16, rate32)
+            comp = np.maximum(sh["op_flops"][op] / shards / rate, moved / bw)
+            sh["comp_cache"][key] = comp
+        self._comp = comp
+        self._p_keys = np.zeros(0, np.int64)    # sorted (shape class, src, dst) keys
+        self._p_slot = np.zeros(0, np.int64)    # key position -> slot of the arrays below
+        self._p_dur = np.zeros(0)               # seconds
+        self._p_rbytes = np.zeros(0)            # local bytes of the resharded copy
+        self._p_kb = np.zeros((0, len(KINDS)))  # per-device result bytes by kind
+        self._p_comms: list = []
+        self._p_dict: dict = {}                 # (shape class, src, dst) -> slot, for scalar lookups
+        self._comm_cache: dict = {}
+
+    def _ensure_shards(self) -> None:
+        items = self._sh["sh"].items
+        if len(self._shards) < len(items):
+            sizes = self.mesh.axes
+            extra = []
+            for s in items[len(self._shards):]:  # other meshes' shardings may be interned: NaN
+                ok = all(a in sizes for a in s.axes + s.partial)
+                extra.append(s.shards(sizes) if ok else math.nan)
+            self._shards = np.concatenate([self._shards, np.array(extra, np.float64)])
+
+    def _replicated_id(self, ndim: int) -> int:
+        repl = self._sh["repl"]
+        if ndim not in repl:
+            repl[ndim] = self._sh["sh"](TensorSharding.replicated(ndim))
+        return repl[ndim]
+
+    def comm_seconds(self, comm: Comm) -> float:
+        key = (comm.kind, comm.axes, comm.bytes)
+        t = self._comm_cache.get(key)
+        if t is None:
+            t = self._comm_cache[key] = comm_time(comm, self.mesh, self.topology)
+        return t
+
+    def price(self, tid: int, src: int, dst: int) -> tuple[float, tuple[Comm, ...], float]:
+        """(seconds, comms, local result bytes) of resharding tensor `tid` between sharding ids."""
+        key = (int(self._sh["t_shape"][tid]), src, dst)
+        k = self._p_dict.get(key)
+        if k is None:
+            k = self._p_dict[key] = int(self._lookup(np.array([tid]), np.array([src]), np.array([dst]))[0])
+        return float(self._p_dur[k]), self._p_comms[k], float(self._p_rbytes[k])
+
+    def _lookup(self, tids: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """Indices into the price cache (`_p_*` arrays) of reshards (tensor, src id, dst id)."""
+        keys = (self._sh["t_shape"][tids] << 40) | (src << 20) | dst
+        idx = np.searchsorted(self._p_keys, keys)
+        hit = idx < len(self._p_keys)
+        hit[hit] = self._p_keys[idx[hit]] == keys[hit]
+        if not hit.all():
+            miss, first = np.unique(keys[~hit], return_index=True)
+            where = np.flatnonzero(~hit)[first]
+            items = self._sh["sh"].items
+            dur, rb, kb = [], [], []
+            for j in where.tolist():
+                t = self.graph.tensors[int(tids[j])]
+                d = items[int(dst[j])]
+                comms = reshard_collectives(items[int(src[j])], d, t.shape, t.dtype, self.mesh)
+                dur.append(sum(self.comm_seconds(c) for c in comms))
+                rb.append(t.nbytes / max(1, d.shards(self.mesh.axes)))
+                row = [0] * len(KINDS)
+                for c in comms:
+                    row[_KIND_INDEX[c.kind]] += c.bytes
+                kb.append(row)
+                self._p_comms.append(comms)
+            keys_all = np.concatenate([self._p_keys, miss])
+            order = np.argsort(keys_all, kind="stable")
+            self._p_keys = keys_all[order]
+            self._p_slot = np.concatenate([self._p_slot, np.arange(len(self._p_dur), len(self._p_dur) + len(miss))])[order]
+            self._p_dur = np.concatenate([self._p_dur, dur])
+            self._p_rbytes = np.concatenate([self._p_rbytes, rb])
+            self._p_kb = np.concatenate([self._p_kb, np.array(kb, np.float64).reshape(-1, len(KINDS))])
+            idx = np.searchsorted(self._p_keys, keys)
+        return self._p_slot[idx]
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _shardings(self, strategy: Strategy) -> tuple[np.ndarray, np.ndarray]:
+        """(choices, sharding id of every tensor) after checking the strategy fits the graph."""
+        sh, g = self._sh, self.graph
+        if strategy.mesh != self.mesh:
+            raise ValueError(f"strategy {strategy.name!r} is for mesh {strategy.mesh}, this simulator "
+                             f"for {self.mesh}; use Simulator.with_mesh(strategy.mesh)")
+        c = np.asarray(strategy.choices, np.int64)
+        if c.shape != (sh["n_ops"],):
+            raise ValueError(f"strategy {strategy.name!r} has {len(strategy.choices)} choices for "
+                             f"{sh['n_ops']} ops of graph {g.name}")
+        bad = np.flatnonzero((c < 0) | (c >= sh["nst"]))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"strategy {strategy.name!r}: choice {c[i]} for {g.ops[i].where()}, "
+                             f"which has {sh['nst'][i]} strategies")
+        if len(strategy.input_shardings) != len(g.inputs):
+            raise ValueError(f"strategy {strategy.name!r} has {len(strategy.input_shardings)} input "
+                             f"shardings for {len(g.inputs)} graph inputs")
+        tsh = self._base_shardings(strategy.input_shardings).copy()
+        o = sh["o_op"]
+        tsh[sh["o_t"]] = sh["give"][sh["out_base"][o] + c[o] * sh["nout"][o] + sh["o_pos"]]
+        self._ensure_shards()
+        return c, tsh
+
+    def _base_shardings(self, input_shardings) -> np.ndarray:
+        """Sharding ids of graph inputs and constants (op outputs unset); cached for the last inputs."""
+        last = getattr(self, "_last_inputs", None)
+        if last is not None and (last[0] is input_shardings or last[0] == input_shardings):
+            return last[1]
+        sh, g = self._sh, self.graph
+        tsh = np.full(len(g.tensors), -1, np.int64)
+        for t in np.flatnonzero(sh["free"]).tolist():
+            tsh[t] = self._replicated_id(len(g.tensors[t].shape))
+        sizes = self.mesh.axes
+        for k, (t, s) in enumerate(zip(g.inputs, input_shardings)):
+            if len(s.dims) != len(g.tensors[t].shape):
+                raise ValueError(f"input {k} ({g.tensors[t].describe()}): sharding {s} has "
+                                 f"{len(s.dims)} dims")
+            bad = [a for a in s.axes + s.partial if a not in sizes]
+            if bad:
+                raise ValueError(f"input {k} ({g.tensors[t].describe()}): sharding {s} names mesh "
+                                 f"axis {bad[0]!r}; the mesh has axes {sizes}")
+            tsh[t] = sh["sh"](s)
+        self._ensure_shards()
+        self._last_inputs = (input_shardings, tsh)
+        return tsh
+
+    def _jobs(self, c: np.ndarray, tsh: np.ndarray):
+        """Unique reshards: arrays (tensor, src, dst, first consumer, last consumer) + consumer lists."""
+        sh = self._sh
+        e_op = sh["e_op"]
+        wanted = sh["want"][sh["in_base"][e_op] + c[e_op] * sh["nin"][e_op] + sh["e_pos"]]
+        src = tsh[sh["e_t"]]
+        m = np.flatnonzero(wanted != src)
+        jt, jd, jc = sh["e_t"][m], wanted[m], e_op[m]
+        if self._carry_out.size:  # carried state comes back sharded as it went in
+            tgt = tsh[self._carry_in]
+            m = np.flatnonzero(tgt != tsh[self._carry_out])
+            jt = np.concatenate([jt, self._carry_out[m]])
+            jd = np.concatenate([jd, tgt[m]])
+            jc = np.concatenate([jc, np.full(len(m), sh["n_ops"])])
+        outs = self._free_outs
+        if outs.size:  # other graph outputs left partial are all-reduced at the end
+            items = sh["sh"].items
+            po = [int(t) for t in outs[self._partial_mask()[tsh[outs]]]]
+            if po:
+                jt = np.concatenate([jt, po])
+                jd = np.concatenate([jd, [sh["sh"](items[tsh[t]].without_partial()) for t in po]])
+                jc = np.concatenate([jc, np.full(len(po), sh["n_ops"])])
+                self._ensure_shards()
+        return jt, tsh[jt], jd, jc
+
+    def _partial_mask(self) -> np.ndarray:
+        items = self._sh["sh"].items
+        pm = getattr(self, "_pm", None)
+        if pm is None or len(pm) < len(items):
+            pm = self._pm = np.array([bool(s.partial) for s in items], bool)
+        return pm
+
+    def cost(self, strategy: Strategy, *, overlap: bool = True, per_op: bool = False) -> Cost:
+        sh = self._sh
+        c, tsh = self._shardings(strategy)
+        comp = self._comp[sh["row_base"] + c]
+        jt, js, jd, jc = self._jobs(c, tsh)
+        n_ops = sh["n_ops"]
+        # group consumers of the same (tensor, target)
+        key = jt * (len(sh["sh"].items) + 1) + jd
+        order = np.lexsort((jc, key))
+        key_s, jc_s = key[order], jc[order]
+        if key_s.size:
+            starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
+            ends = np.r_[starts[1:], key_s.size].astype(np.int64)
+        else:
+            starts = ends = np.zeros(0, np.int64)
+        u = order[starts]
+        ut, us, ud = jt[u], js[u], jd[u]
+        first, lastc = jc_s[starts], jc_s[ends - 1]
+        slots = self._lookup(ut, us, ud) if len(u) else np.zeros(0, np.int64)
+        dur, rbytes = self._p_dur[slots], self._p_rbytes[slots]
+        kb = self._p_kb[slots].sum(axis=0) if len(u) else np.zeros(len(KINDS))
+        compute_s = float(comp.sum())
+        comm_s = float(dur.sum())
+        live = np.flatnonzero(dur > 0)  # free reshards (local slices) never wait for the network
+        if overlap and live.size:
+            step = self._schedule(comp, sh["producer"][ut[live]], first[live], dur[live], jc_s,
+                                  starts[live], ends[live])
+        else:
+            step = compute_s + comm_s
+        peak = self._peak(tsh, first, lastc, rbytes)
+        extra = {}
+        if per_op:
+            inc = np.zeros(n_ops + 1)
+            np.add.at(inc, jc_s, np.repeat(dur, ends - starts))
+            extra["per_op"] = tuple((i, float(comp[i]), float(inc[i])) for i in range(n_ops))
+            items = sh["sh"].items
+            extra["reshards"] = tuple((int(t), items[s], items[d], self._p_comms[k], float(self._p_dur[k]))
+                                      for t, s, d, k in zip(ut.tolist(), us.tolist(), ud.tolist(),
+                                                            slots.tolist()))
+        return Cost(step_time_s=float(step), compute_s=compute_s, comm_s=comm_s,
+                    comm_bytes=int(kb.sum()),
+                    comm_bytes_by_kind={k: int(kb[i]) for i, k in enumerate(KINDS)},
+                    peak_memory_bytes=int(round(peak)), **extra)
+
+    def _schedule(self, comp, prod, first, dur, jc_s, starts, ends) -> float:
+        """Makespan of one compute stream (program order) and one FIFO communication stream.
+
+        Only reshards make the compute stream wait, so op i ends at
+        S_i + max(0, max_{j <= i waiting} (R_j - S_{j-1})), S the prefix sums of compute time and R_j
+        the time op j's last reshard is done. Reshards run in order of their source's producer, whose
+        end needs only the R_j of earlier ops: one pass over the reshards.
+        """
+        S = np.cumsum(comp)
+        Sprev = (S - comp).tolist()
+        Sl = S.tolist()
+        n_ops = len(comp)
+        fifo = np.lexsort((first, prod)).tolist()
+        prod, dur = prod.tolist(), dur.tolist()
+        cons, starts, ends = jc_s.tolist(), starts.tolist(), ends.tolist()
+        ready = [0.0] * (n_ops + 1)
+        waiting = sorted(set(cons))
+        nw, ptr, best, free = len(waiting), 0, 0.0, 0.0
+        for k in fifo:
+            p = prod[k]
+            while ptr < nw and waiting[ptr] <= p:
+                j = waiting[ptr]
+                if ready[j] - Sprev[j] > best:
+                    best = ready[j] - Sprev[j]
+                ptr += 1
+            src_ready = Sl[p] + best if p >= 0 else 0.0
+            free = (src_ready if src_ready > free else free) + dur[k]
+            for j in cons[starts[k]:ends[k]]:
+                if ready[j] < free:
+                    ready[j] = free
+        while ptr < nw and waiting[ptr] < n_ops:
+            j = waiting[ptr]
+            best = max(best, ready[j] - Sprev[j])
+            ptr += 1
+        end = (Sl[-1] if n_ops else 0.0) + best
+        return max(end, free)
+
+    def _peak(self, tsh, first, lastc, rbytes) -> float:
+        sh = self._sh
+        n = sh["n_ops"]
+        local = sh["nbytes"] / self._shards[tsh]
+        always = float(local[sh["is_input"] | sh["free"]].sum())
+        ot = sh["o_t"]
+        start = np.concatenate([sh["producer"][ot], first])
+        stop = np.concatenate([np.maximum(sh["last"][ot], sh["producer"][ot]), lastc]) + 1
+        w = np.concatenate([local[ot], rbytes])
+        diff = np.bincount(start, w, minlength=n + 2) - np.bincount(stop, w, minlength=n + 2)
+        live = np.cumsum(diff)[:n + 1]
+        return always + (float(live.max()) if live.size else 0.0)
+
+    # ---- incremental ----------------------------------------------------------------------------
+    def incremental(self, strategy: Strategy):
+        """A `tag_jax.cost.incremental.Incremental` for cheap search moves from `strategy`."""
+        from tag_jax.cost.incremental import Incremental
+        return Incremental(self, strategy)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "

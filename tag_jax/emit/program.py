@@ -1,0 +1,174 @@
+"""`emit`: a strategy becomes an ordinary `jax.jit` program.
+
+The program re-evaluates the traced graph (`tag_jax.hlo.evaluate`) with a sharding constraint on each
+op result, as the op's chosen strategy produces it; arguments and results get `in_shardings` and
+`out_shardings`. GSPMD cannot be asked for an unreduced partial sum, so a partial result is left
+unconstrained when its consumers disagree, or constrained to what all of its consumers want (which
+lets XLA fuse the reduction into a reduce-scatter when they want it split).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from tag_jax.hlo.evaluate import evaluate
+from tag_jax.hlo.graph import OpGraph
+from tag_jax.strategy import OpStrategy, Strategy, TensorSharding
+
+
+class EmitError(ValueError):
+    """A strategy cannot become a program as given; the message says what, where, and what to do."""
+
+
+def chosen(graph: OpGraph, strategy: Strategy,
+           op_strategies: Sequence[Sequence[OpStrategy]]) -> tuple[OpStrategy, ...]:
+    """The chosen `OpStrategy` of every op, after checking the lists line up with the graph."""
+    if len(op_strategies) != len(graph.ops):
+        raise EmitError(f"{len(op_strategies)} strategy lists for the {len(graph.ops)} ops of "
+                        f"{graph.name}; build them with tag_jax.rules.for_graph(graph, mesh_axes)")
+    if len(strategy.choices) != len(graph.ops):
+        raise EmitError(f"strategy '{strategy.name}' has {len(strategy.choices)} op choices but "
+                        f"{graph.name} has {len(graph.ops)} ops: it was made for another graph")
+    if len(strategy.input_shardings) != len(graph.inputs):
+        raise EmitError(f"strategy '{strategy.name}' shards {len(strategy.input_shardings)} inputs but "
+                        f"{graph.name} takes {len(graph.inputs)}: it was made for another graph")
+    out = []
+    for op, options, k in zip(graph.ops, op_strategies, strategy.choices):
+        if not 0 <= k < len(options):
+            raise EmitError(f"strategy '{strategy.name}' picks option {k} for {op.where()}, which has "
+                            f"{len(options)} option(s)")
+        s = options[k]
+        if len(s.inputs) != len(op.inputs) or len(s.outputs) != len(op.outputs):
+            raise EmitError(f"option {s.name!r} of {op.where()} shards {len(s.inputs)} inputs and "
+                            f"{len(s.outputs)} outputs; the op has {len(op.inputs)} and "
+                            f"{len(op.outputs)}")
+        out.append(s)
+    return tuple(out)
+
+
+def produced_shardings(graph: OpGraph, strategy: Strategy,
+                       op_strategies: Sequence[Sequence[OpStrategy]]) -> dict[int, TensorSharding]:
+    """The sharding every tensor has where it is made: inputs as planned, op results as chosen,
+    constants replicated. Partial sums keep their `partial` axes."""
+    picks = chosen(graph, strategy, op_strategies)
+    out: dict[int, TensorSharding] = dict(zip(graph.inputs, strategy.input_shardings))
+    for op, s in zip(graph.ops, picks):
+        out.update(zip(op.outputs, s.outputs))
+    for t in graph.tensors:
+        out.setdefault(t.id, TensorSharding.replicated(len(t.shape)))
+    return out
+
+
+def output_shardings(graph: OpGraph, strategy: Strategy,
+                     op_strategies: Sequence[Sequence[OpStrategy]]) -> tuple[TensorSharding, ...]:
+    """The (non-partial) sharding of each graph result, in `graph.outputs` order."""
+    made = produced_shardings(graph, strategy, op_strategies)
+    return tuple(made[t].without_partial() for t in graph.outputs)
+
+
+def check(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
+          mesh_axes: Mapping[str, int]) -> None:
+    """Raise `EmitError` if the strategy names an axis the mesh lacks, a sharding has the wrong rank,
+    or an argument or result does not split evenly (jit requires it)."""
+    picks = chosen(graph, strategy, op_strategies)
+    axes = dict(mesh_axes)
+
+    def one(ts: TensorSharding, tid: int, where: str, even: bool) -> None:
+        t = graph.tensors[tid]
+        if len(ts.dims) != len(t.shape):
+            raise EmitError(f"{where}: sharding {ts} has {len(ts.dims)} dimension(s) but "
+                            f"{t.describe()} has {len(t.shape)}")
+        for a in ts.axes + ts.partial:
+            if a not in axes:
+                raise EmitError(f"{where}: sharding {ts} of {t.describe()} names mesh axis {a!r}, but "
+                                f"the mesh has axes {axes}; plan for this mesh or name its axes")
+        used = ts.axes + ts.partial
+        if len(set(used)) != len(used):
+            raise EmitError(f"{where}: sharding {ts} of {t.describe()} uses a mesh axis twice")
+        if even:
+            for n, d in zip(t.shape, ts.dims):
+                k = math.prod(axes[a] for a in d)
+                if n % k:
+                    raise EmitError(f"{where}: {t.describe()} splits a dimension of size {n} into {k} "
+                                    f"pieces over {d}; jit arguments and results must split evenly")
+
+    for tid, ts in zip(graph.inputs, strategy.input_shardings):
+        one(ts, tid, "argument", even=True)
+        if ts.partial:
+            raise EmitError(f"input {graph.tensors[tid].describe()}: an argument cannot be a partial "
+                            f"sum ({ts}); give it a sharding without partial axes")
+    for op, s in zip(graph.ops, picks):
+        for tid, ts in zip(op.inputs, s.inputs):
+            one(ts, tid, f"{op.where()} option {s.name!r} (input)", even=False)
+        for tid, ts in zip(op.outputs, s.outputs):
+            one(ts, tid, f"{op.where()} option {s.name!r} (output)", even=tid in graph.outputs)
+
+
+def constraints(graph: OpGraph, strategy: Strategy,
+                op_strategies: Sequence[Sequence[OpStrategy]]) -> dict[int, TensorSharding]:
+    """Which op results get a sharding constraint, and which: each result as its op produces it;
+    a partial result as all its consumers want it (non-partial), or none when they disagree."""
+    picks = chosen(graph, strategy, op_strategies)
+    wanted: dict[int, set[TensorSharding]] = {}
+    for op, s in zip(graph.ops, picks):
+        for tid, ts in zip(op.inputs, s.inputs):
+            wanted.setdefault(tid, set()).add(ts)
+    out: dict[int, TensorSharding] = {}
+    for op, s in zip(graph.ops, picks):
+        for tid, ts in zip(op.outputs, s.outputs):
+            if not ts.partial:
+                out[tid] = ts
+                continue
+            want = wanted.get(tid, set())
+            if len(want) == 1 and not next(iter(want)).partial:
+                out[tid] = next(iter(want))
+    return out
+
+
+def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
+         jax_mesh: Mesh | None = None, *, donate_argnums: int | Sequence[int] = (),
+         compiler_options: Mapping[str, Any] | None = None, constrain: bool = True) -> Callable:
+    """The jitted program of `strategy`, taking the traced function's positional arguments.
+
+    `jax_mesh` defaults to `make_mesh(strategy.mesh)` (Auto axes). `constrain=False` places only
+    the argument and result shardings (GSPMD propagates the rest): useful to tell a constraint
+    problem from a program problem.
+    """
+    from tag_jax.emit.mesh import make_mesh
+
+    mesh = make_mesh(strategy.mesh) if jax_mesh is None else jax_mesh
+    mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    planned = strategy.mesh.axes
+    if mesh_axes != planned:
+        raise EmitError(f"strategy '{strategy.name}' was planned on mesh {planned} but the mesh given "
+                        f"has axes {mesh_axes}; emit on a mesh with the planned axes and sizes")
+    check(graph, strategy, op_strategies, mesh_axes)
+    in_flat = [NamedSharding(mesh, ts.to_partition_spec()) for ts in strategy.input_shardings]
+    out_flat = [NamedSharding(mesh, ts.to_partition_spec())
+                for ts in output_shardings(graph, strategy, op_strategies)]
+    in_tree = jax.tree_util.tree_unflatten(graph.in_tree, in_flat)
+    args_shardings, kwargs_shardings = in_tree
+    if kwargs_shardings:
+        raise EmitError(f"{graph.name} was traced with keyword arguments {sorted(kwargs_shardings)}; "
+                        "emitted programs take positional arguments only: trace it with them")
+    out_shardings = jax.tree_util.tree_unflatten(graph.out_tree, out_flat)
+    marks = ({tid: NamedSharding(mesh, ts.to_partition_spec())
+              for tid, ts in constraints(graph, strategy, op_strategies).items()} if constrain else {})
+
+    def hook(tid: int, value: Any) -> Any:
+        sharding = marks.get(tid)
+        return value if sharding is None else jax.lax.with_sharding_constraint(value, sharding)
+
+    def run(*args: Any) -> Any:
+        flat, tree = jax.tree_util.tree_flatten((args, {}))
+        if tree != graph.in_tree:
+            raise EmitError(f"{graph.name} was planned for arguments of structure {graph.in_tree}, "
+                            f"got {tree}; plan again for these arguments")
+        return jax.tree_util.tree_unflatten(graph.out_tree, evaluate(graph, flat, on_tensor=hook))
+
+    run.__name__ = run.__qualname__ = graph.name
+    return jax.jit(run, in_shardings=tuple(args_shardings), out_shardings=out_shardings,
+                   donate_argnums=donate_argnums, compiler_options=dict(compiler_options or {}) or None)

@@ -1,0 +1,392 @@
+"""`Plan`: a chosen strategy, as shardings people can read, save, reload and run.
+
+A plan holds the mesh it runs on (Auto axes, devices in the planned order), the strategy (one option
+per op, one sharding per argument), the argument and result shardings as pytrees of `NamedSharding`,
+and the simulator's prediction. `ShardedFunction` is the jit-like object that plans once per input
+signature and runs the emitted program; the baselines and `auto_shard` return one.
+
+Saved plans are JSON with a format version, the graph fingerprint (primitives and shapes of every op)
+and the topology fingerprint; loading one for another function or topology is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from tag_jax.hlo.graph import OpGraph
+from tag_jax.strategy import MeshSpec, OpStrategy, Strategy, TensorSharding
+
+FORMAT = "tag_jax.plan"
+VERSION = 1
+_COST_FIELDS = ("step_time_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes")
+
+
+class PlanMismatchError(ValueError):
+    """A saved plan does not belong to this function, topology or version of tag_jax."""
+
+
+def graph_fingerprint(graph: OpGraph) -> str:
+    """sha256 over each op's primitive and its inputs' and outputs' shapes and dtypes, in order.
+
+    Paths, names and source lines are left out: renaming a variable keeps the plan valid.
+    """
+    h = hashlib.sha256()
+
+    def sig(tids: Sequence[int]) -> str:
+        return ";".join(f"{graph.tensors[t].dtype.name}{list(graph.tensors[t].shape)}" for t in tids)
+
+    h.update(f"in:{sig(graph.inputs)}|out:{sig(graph.outputs)}\n".encode())
+    for op in graph.ops:
+        h.update(f"{op.primitive}({sig(op.inputs)})->({sig(op.outputs)})x{op.trips}\n".encode())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Argument:
+    """One flat argument of the planned function, as the summary and saved plans show it."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+    sharding: TensorSharding
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """A strategy made concrete. Build with `Plan.build`; reload with `Plan.load`."""
+
+    mesh: Mesh
+    strategy: Strategy
+    in_shardings: Any  # pytree of NamedSharding matching the arguments (tuple of positional args)
+    out_shardings: Any  # pytree of NamedSharding matching the results
+    cost: Any | None  # tag_jax.cost.Cost: step_time_s, compute_s, comm_s, comm_bytes, peak_memory_bytes
+    arguments: tuple[Argument, ...]
+    function: str
+    fingerprint: str  # graph_fingerprint of the planned graph
+    topology_fingerprint: str | None = None
+    graph: OpGraph | None = dataclasses.field(default=None, repr=False)
+    op_strategies: tuple[tuple[OpStrategy, ...], ...] | None = dataclasses.field(default=None, repr=False)
+    topology: Any = dataclasses.field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        axes = ", ".join(f"{n}={k}" for n, k in self.strategy.mesh.axes.items())
+        step = "" if self.cost is None else f", predicted step {_seconds(self.cost.step_time_s)}"
+        return f"Plan({self.strategy.name!r} for {self.function}, mesh {axes}{step})"
+
+    # ---- making and running ----------------------------------------------------------------
+    @classmethod
+    def build(cls, graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
+              topology: Any = None, *, jax_mesh: Mesh | None = None, cost: Any = "simulate") -> "Plan":
+        """Check the strategy against the graph and mesh, predict its cost, make the shardings.
+
+        `cost="simulate"` runs `tag_jax.cost.Simulator` when a topology is given (None if the
+        cost package is not available); pass a Cost or None to skip simulating.
+        """
+        from tag_jax.emit import check, make_mesh, output_shardings
+
+        op_strategies = tuple(tuple(o) for o in op_strategies)
+        mesh = make_mesh(strategy.mesh) if jax_mesh is None else jax_mesh
+        check(graph, strategy, op_strategies, strategy.mesh.axes)
+        in_flat = [NamedSharding(mesh, ts.to_partition_spec()) for ts in strategy.input_shardings]
+        out_flat = [NamedSharding(mesh, ts.to_partition_spec())
+                    for ts in output_shardings(graph, strategy, op_strategies)]
+        args, kwargs = jax.tree_util.tree_unflatten(graph.in_tree, in_flat)
+        if kwargs:
+            raise ValueError(f"{graph.name} was traced with keyword arguments {sorted(kwargs)}; "
+                             "plans take positional arguments only")
+        if isinstance(cost, str) and cost == "simulate":
+            cost = simulate(graph, op_strategies, topology, strategy) if topology is not None else None
+        arguments = tuple(
+            Argument(graph.tensors[t].path or f"arg{k}", graph.tensors[t].shape,
+                     graph.tensors[t].dtype.name, str(graph.tensors[t].role), ts)
+            for k, (t, ts) in enumerate(zip(graph.inputs, strategy.input_shardings)))
+        return cls(mesh=mesh, strategy=strategy, in_shardings=tuple(args),
+                   out_shardings=jax.tree_util.tree_unflatten(graph.out_tree, out_flat), cost=cost,
+                   arguments=arguments, function=graph.name, fingerprint=graph_fingerprint(graph),
+                   topology_fingerprint=None if topology is None else topology.fingerprint(),
+                   graph=graph, op_strategies=op_strategies, topology=topology)
+
+    def jit(self, *, donate_argnums: int | Sequence[int] = (),
+            compiler_options: Mapping[str, Any] | None = None, constrain: bool = True) -> Callable:
+        """The emitted `jax.jit` program (needs the graph: plan it, or load it with the function)."""
+        from tag_jax.emit import emit
+
+        self._need_graph("jit")
+        return emit(self.graph, self.strategy, self.op_strategies, self.mesh,
+                    donate_argnums=donate_argnums, compiler_options=compiler_options,
+                    constrain=constrain)
+
+    def shard_args(self, *args: Any) -> Any:
+        """`jax.device_put` the arguments onto the plan's input shardings.
+
+        Returns a tuple like `args` (the argument itself when there is exactly one)."""
+        if len(args) != len(self.in_shardings):
+            raise ValueError(f"the plan of {self.function} takes {len(self.in_shardings)} "
+                             f"argument(s), got {len(args)}")
+        out = tuple(jax.device_put(a, s) for a, s in zip(args, self.in_shardings))
+        return out[0] if len(out) == 1 else out
+
+    # ---- reading ---------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A table of arguments (path, shape, spec, bytes per device), then the prediction."""
+        spec = self.strategy.mesh
+        axes = spec.axes
+        lines = [f"Plan '{self.strategy.name}' for {self.function}: mesh "
+                 f"{', '.join(f'{n}={s}' for n, s in axes.items())} over devices "
+                 f"{list(spec.device_ids)}"]
+        rows = []
+        for a in self.arguments:
+            local = a.sharding.local_shape(a.shape, axes)
+            nbytes = math.prod(local) * np.dtype(a.dtype).itemsize
+            rows.append((a.path, f"{a.dtype}[{','.join(map(str, a.shape))}]",
+                         str(a.sharding.to_partition_spec()), nbytes, a.role))
+        wp = max([len("argument")] + [len(r[0]) for r in rows])
+        ws = max([len("shape")] + [len(r[1]) for r in rows])
+        wq = max([len("spec")] + [len(r[2]) for r in rows])
+        lines.append(f"  {'argument':<{wp}}  {'shape':<{ws}}  {'spec':<{wq}}  {'bytes/device':>12}")
+        for path, shape, pspec, nbytes, _ in rows:
+            lines.append(f"  {path:<{wp}}  {shape:<{ws}}  {pspec:<{wq}}  {_bytes(nbytes):>12}")
+        by_role: dict[str, int] = {}
+        for *_, nbytes, role in rows:
+            by_role[role] = by_role.get(role, 0) + nbytes
+        lines.append("  per device: " + ", ".join(f"{r} {_bytes(b)}" for r, b in sorted(by_role.items())))
+        if self.cost is None:
+            lines.append("  predicted: not available (no topology or cost model)")
+        else:
+            c = self.cost
+            lines.append(
+                f"  predicted: step {_seconds(c.step_time_s)} (compute {_seconds(c.compute_s)}, "
+                f"communication {_seconds(c.comm_s)}), {_bytes(c.comm_bytes)} sent per device, "
+                f"peak memory {_bytes(c.peak_memory_bytes)} per device")
+        return "\n".join(lines)
+
+    # ---- saving ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        spec = self.strategy.mesh
+        names = None
+        if self.op_strategies is not None:
+            names = [opts[k].name for opts, k in zip(self.op_strategies, self.strategy.choices)]
+        return {
+            "format": FORMAT, "version": VERSION, "function": self.function,
+            "graph_fingerprint": self.fingerprint, "topology_fingerprint": self.topology_fingerprint,
+            "strategy": self.strategy.name,
+            "mesh": {"shape": list(spec.shape), "axis_names": list(spec.axis_names),
+                     "device_ids": list(spec.device_ids)},
+            "choices": list(self.strategy.choices), "choice_names": names,
+            "arguments": [{"path": a.path, "shape": list(a.shape), "dtype": a.dtype, "role": a.role,
+                           "sharding": _ts_to_json(a.sharding)} for a in self.arguments],
+            "cost": None if self.cost is None else {f: float(getattr(self.cost, f)) for f in _COST_FIELDS},
+        }
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str, fn: Callable | None = None, *args: Any, topology: Any = None,
+             graph: OpGraph | None = None, **kwargs: Any) -> "Plan":
+        """Read a saved plan. With `fn` and its example arguments (or a traced `graph`), the plan is
+        checked to belong to that function and made runnable; with `topology`, checked to be made
+        for that topology. Without either, it can be read (summary, shardings by path) but not run.
+        """
+        with open(path) as f:
+            d = json.load(f)
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise PlanMismatchError(f"{path} is not a tag_jax plan (no \"format\": \"{FORMAT}\")")
+        if d.get("version") != VERSION:
+            raise PlanMismatchError(f"{path} is a version {d.get('version')} plan; this tag_jax reads "
+                                    f"version {VERSION}: plan the function again")
+        if topology is not None and d["topology_fingerprint"] not in (None, topology.fingerprint()):
+            raise PlanMismatchError(
+                f"{path} was planned for another topology (fingerprint "
+                f"{d['topology_fingerprint'][:12]}), not '{topology.name}' (fingerprint "
+                f"{topology.fingerprint()[:12]}): its device order and costs would be wrong; "
+                "plan again for this topology")
+        if graph is None and fn is not None:
+            from tag_jax.hlo.trace import trace
+
+            graph = trace(fn, *abstract(args), **kwargs)
+        if graph is not None:
+            got = graph_fingerprint(graph)
+            if got != d["graph_fingerprint"]:
+                raise PlanMismatchError(
+                    f"{path} was planned for function `{d['function']}` (graph fingerprint "
+                    f"{d['graph_fingerprint'][:12]}), but `{graph.name}` with these arguments traces "
+                    f"to another program ({len(graph.ops)} ops, fingerprint {got[:12]}); load it with "
+                    "the function and argument shapes it was planned for, or plan this one anew")
+        spec = MeshSpec(tuple(d["mesh"]["shape"]), tuple(d["mesh"]["axis_names"]),
+                        tuple(d["mesh"]["device_ids"]))
+        shardings = tuple(_ts_from_json(a["sharding"]) for a in d["arguments"])
+        strategy = Strategy(spec, tuple(d["choices"]), shardings, d["strategy"])
+        if graph is None:
+            from tag_jax.emit import make_mesh
+
+            mesh = make_mesh(spec)
+            arguments = tuple(Argument(a["path"], tuple(a["shape"]), a["dtype"], a["role"], ts)
+                              for a, ts in zip(d["arguments"], shardings))
+            return cls(mesh=mesh, strategy=strategy,
+                       in_shardings={a.path: NamedSharding(mesh, a.sharding.to_partition_spec())
+                                     for a in arguments},
+                       out_shardings=None, cost=_saved_cost(d["cost"]), arguments=arguments,
+                       function=d["function"], fingerprint=d["graph_fingerprint"],
+                       topology_fingerprint=d["topology_fingerprint"], topology=topology)
+        from tag_jax import rules
+
+        op_strategies = rules.for_graph(graph, spec.axes)
+        strategy = dataclasses.replace(strategy, choices=_match_choices(
+            graph, op_strategies, strategy.choices, d.get("choice_names"), path))
+        cost = _saved_cost(d["cost"]) if topology is None else "simulate"
+        return cls.build(graph, strategy, op_strategies, topology, cost=cost)
+
+    def _need_graph(self, what: str) -> None:
+        if self.graph is None:
+            raise ValueError(f"Plan.{what} needs the traced function: load the plan with "
+                             "Plan.load(path, fn, *example_args)")
+
+
+def simulate(graph: OpGraph, op_strategies, topology, strategy: Strategy) -> Any | None:
+    """The simulator's Cost of a strategy, or None when `tag_jax.cost` is not available."""
+    try:
+        from tag_jax.cost import Simulator
+    except ImportError:
+        return None
+    try:
+        return Simulator(graph, op_strategies, topology, strategy.mesh).cost(strategy)
+    except Exception as exc:  # a prediction is optional: the plan still runs without one
+        warnings.warn(f"no cost prediction for {graph.name}: the simulator failed with "
+                      f"{type(exc).__name__}: {exc}", stacklevel=2)
+        return None
+
+
+def abstract(tree: Any) -> Any:
+    """Shapes and dtypes only (`jax.ShapeDtypeStruct`), dropping shardings and values."""
+
+    def one(x: Any) -> Any:
+        aval = jax.typeof(x) if not isinstance(x, jax.ShapeDtypeStruct) else x
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def signature(args: Any) -> tuple:
+    """A hashable key of the arguments' structure, shapes and dtypes (one plan per key)."""
+    leaves, tree = jax.tree_util.tree_flatten(abstract(args))
+    return (tree, tuple((x.shape, str(x.dtype), bool(x.weak_type)) for x in leaves))
+
+
+class ShardedFunction:
+    """A jit-like function that plans once per input signature: `fn(*args)`, `.lower`, `.plan`.
+
+    `planner(graph) -> Plan` makes the plan of a traced graph. Calls move arguments onto the plan's
+    input shardings first (a no-op when they are already there), so the results of one step can be
+    fed to the next whatever their layout.
+    """
+
+    def __init__(self, fn: Callable, planner: Callable[[OpGraph], Plan], *,
+                 donate_argnums: int | Sequence[int] = (),
+                 compiler_options: Mapping[str, Any] | None = None, name: str | None = None):
+        self.fn = fn
+        self.planner = planner
+        self.donate_argnums = donate_argnums
+        self.compiler_options = compiler_options
+        self.__name__ = name or getattr(fn, "__name__", "fn")
+        self.__wrapped__ = fn
+        self._plans: dict[tuple, Plan] = {}
+        self._programs: dict[tuple, Callable] = {}
+
+    def trace(self, *args: Any) -> OpGraph:
+        from tag_jax.hlo.trace import trace
+
+        return trace(self.fn, *abstract(args), name=self.__name__)
+
+    def plan(self, *args: Any) -> Plan:
+        key = signature(args)
+        if key not in self._plans:
+            self._plans[key] = self.planner(self.trace(*args))
+        return self._plans[key]
+
+    def program(self, *args: Any) -> Callable:
+        key = signature(args)
+        if key not in self._programs:
+            self._programs[key] = self.plan(*args).jit(donate_argnums=self.donate_argnums,
+                                                       compiler_options=self.compiler_options)
+        return self._programs[key]
+
+    def lower(self, *args: Any) -> Any:
+        return self.program(*args).lower(*args)
+
+    def __call__(self, *args: Any) -> Any:
+        program = self.program(*args)
+        plan = self.plan(*args)
+        args = tuple(jax.device_put(a, s) for a, s in zip(args, plan.in_shardings))
+        return program(*args)
+
+    def __repr__(self) -> str:
+        return f"ShardedFunction({self.__name__}, {len(self._plans)} plan(s))"
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _match_choices(graph, op_strategies, choices, names, path) -> tuple[int, ...]:
+    """The saved choices, re-found by option name when the rules list options in another order."""
+    if len(choices) != len(op_strategies):
+        raise PlanMismatchError(f"{path} has {len(choices)} op choices; the graph has "
+                                f"{len(op_strategies)} ops")
+    if names is None:
+        return tuple(choices)
+    out = []
+    for op, opts, k, name in zip(graph.ops, op_strategies, choices, names):
+        if k < len(opts) and opts[k].name == name:
+            out.append(k)
+            continue
+        found = [i for i, o in enumerate(opts) if o.name == name]
+        if not found:
+            raise PlanMismatchError(f"{path} picks option {name!r} for {op.where()}, which the "
+                                    "installed sharding rules no longer offer; plan again")
+        out.append(found[0])
+    return tuple(out)
+
+
+def _saved_cost(d: Mapping[str, float] | None) -> Any:
+    if d is None:
+        return None
+    try:
+        from tag_jax.cost import Cost
+
+        return Cost(**d)
+    except Exception:  # the cost package is absent or its Cost has other fields
+        return types.SimpleNamespace(**d)
+
+
+def _ts_to_json(ts: TensorSharding) -> dict:
+    return {"dims": [list(d) for d in ts.dims], "partial": list(ts.partial)}
+
+
+def _ts_from_json(d: Mapping) -> TensorSharding:
+    return TensorSharding(tuple(tuple(x) for x in d["dims"]), tuple(d.get("partial", ())))
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} us"

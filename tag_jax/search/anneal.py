@@ -1,0 +1,248 @@
+"""Simulated annealing over argument shardings, mesh shape and device order.
+
+The search state is one decision per *parameter group* (a weight and the same weight in every
+repeated layer, with its optimizer state following it) plus one for the batch: a storage sharding,
+and whether the weight is used in that layout (tensor parallel) or gathered at use (ZeRO-3 / FSDP).
+Repeated layers sharing one decision is the coarsening that keeps the space small whatever the depth.
+Op options follow from the decisions by `propagate`, and every candidate is priced by the simulator.
+Starts from the best of the hand-written baselines on every candidate mesh, so the result is never
+worse than them; anytime, seeded, bounded by `time_budget_s`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tag_jax.hlo.graph import OpGraph, Role
+from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
+
+_LAYER_INDEX = re.compile(r"_\d+(?=/|$)")
+_CARRIED = (Role.PARAMETER, Role.OPTIMIZER_STATE, Role.STATE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One decision for a group: how its tensors are stored, and whether ops use them gathered."""
+
+    dim: int | None  # split dimension (None: replicated)
+    axes: tuple[str, ...]
+    gather: bool  # store split, compute on the gathered (replicated) tensor
+
+    def storage(self, ndim: int) -> TensorSharding:
+        if self.dim is None or self.dim >= ndim:
+            return TensorSharding.replicated(ndim)
+        dims = [()] * ndim
+        dims[self.dim] = self.axes
+        return TensorSharding(tuple(dims))
+
+    def compute(self, ndim: int) -> TensorSharding:
+        return TensorSharding.replicated(ndim) if self.gather else self.storage(ndim)
+
+    def __str__(self) -> str:
+        if self.dim is None:
+            return "replicated"
+        return f"split dim {self.dim} over {','.join(self.axes)}" + (" (gathered at use)" if self.gather else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    key: str  # parameter path with layer indices replaced by *
+    tensors: tuple[int, ...]  # input tensor ids: the parameters and their optimizer state
+    shape: tuple[int, ...]
+    options: tuple[Option, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    strategy: Strategy
+    cost: Any
+    evaluations: int
+    seconds: float
+    seeds: dict  # name -> predicted step time of each starting plan
+    decisions: dict  # group key -> Option (for the summary)
+    history: tuple  # (seconds, best step time) whenever the best improved
+
+
+def layer_key(path: str) -> str:
+    """`state/params/h_3/attn/c_attn/kernel` -> `params/h_*/attn/c_attn/kernel` (shared decision)."""
+    words = path.split("/")
+    if "params" in words:
+        words = words[words.index("params"):]
+    return _LAYER_INDEX.sub("_*", "/".join(words))
+
+
+def param_groups(graph: OpGraph, mesh: MeshSpec) -> tuple[Group, ...]:
+    """Parameter groups with their options on `mesh`; optimizer state joins its parameter's group."""
+    params = [t for t in (graph.tensors[i] for i in graph.inputs) if t.role == Role.PARAMETER]
+    by_key: dict[tuple, list[int]] = {}
+    for t in params:
+        by_key.setdefault((layer_key(t.path or str(t.id)), t.shape), []).append(t.id)
+    # Optimizer state tensors follow the parameter whose path ends theirs (mu/..., nu/...).
+    tail_of = {}
+    for t in params:
+        words = (t.path or "").split("/")
+        tail_of[("/".join(words[words.index("params") + 1:]) if "params" in words else t.path, t.shape)] = t.id
+    owner = {}
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        if t.role != Role.OPTIMIZER_STATE or not t.path:
+            continue
+        words = t.path.split("/")
+        for k in range(len(words)):
+            hit = tail_of.get(("/".join(words[k:]), t.shape))
+            if hit is not None:
+                owner[tid] = hit
+                break
+    followers: dict[int, list[int]] = {}
+    for o, p in owner.items():
+        followers.setdefault(p, []).append(o)
+    groups = []
+    for (key, shape), tids in sorted(by_key.items()):
+        members = tuple(sorted(tids + [f for p in tids for f in followers.get(p, [])]))
+        groups.append(Group(key, members, shape, _options(shape, mesh)))
+    return tuple(groups)
+
+
+def _options(shape: Sequence[int], mesh: MeshSpec) -> tuple[Option, ...]:
+    axes = mesh.axes
+    axis_sets = [(a,) for a in mesh.axis_names]
+    if len(mesh.axis_names) > 1:
+        axis_sets.append(tuple(mesh.axis_names))
+    opts = [Option(None, (), False)]
+    for d, n in enumerate(shape):
+        for s in axis_sets:
+            if n % math.prod(axes[a] for a in s) == 0 and n > 1:
+                opts.append(Option(d, s, False))
+                opts.append(Option(d, s, True))
+    return tuple(opts)
+
+
+def batch_options(graph: OpGraph, mesh: MeshSpec) -> tuple[tuple[str, ...], ...]:
+    """Axis sets that may split dimension 0 of every batch input (the batch dimension)."""
+    batch = [graph.tensors[i] for i in graph.inputs if graph.tensors[i].role == Role.BATCH]
+    axes = mesh.axes
+    names = mesh.axis_names
+    sets = [()] + [(a,) for a in names] + ([tuple(names)] if len(names) > 1 else [])
+    return tuple(s for s in sets
+                 if all(t.shape and t.shape[0] % math.prod(axes[a] for a in s) == 0 for t in batch))
+
+
+class Annealer:
+    """Evaluates decision vectors on one mesh; `run` anneals from a starting vector."""
+
+    def __init__(self, graph: OpGraph, op_strategies, simulator, mesh: MeshSpec,
+                 memory_limit: float | None):
+        from tag_jax.search.propagate import carried_outputs
+
+        self.graph, self.op_strategies, self.sim, self.mesh = graph, op_strategies, simulator, mesh
+        self.groups = param_groups(graph, mesh)
+        self.batch_sets = batch_options(graph, mesh)
+        self.carried = carried_outputs(graph)
+        self.memory_limit = memory_limit
+        self.evaluations = 0
+        self._cache: dict[tuple, tuple[float, Any, Strategy]] = {}
+
+    def shardings(self, decision: tuple[int, ...]) -> tuple[tuple[TensorSharding, ...], tuple[TensorSharding, ...]]:
+        """(storage, compute) sharding of every graph input under a decision vector."""
+        g = self.graph
+        batch_axes = self.batch_sets[decision[-1]]
+        storage = {}
+        compute = {}
+        for tid in g.inputs:
+            t = g.tensors[tid]
+            ts = TensorSharding.replicated(len(t.shape))
+            if t.role == Role.BATCH and t.shape and batch_axes:
+                ts = TensorSharding(((batch_axes,) + ((),) * (len(t.shape) - 1)))
+            storage[tid] = compute[tid] = ts
+        for group, k in zip(self.groups, decision):
+            opt = group.options[k]
+            for tid in group.tensors:
+                nd = len(g.tensors[tid].shape)
+                storage[tid] = opt.storage(nd)
+                compute[tid] = opt.compute(nd)
+        return tuple(storage[t] for t in g.inputs), tuple(compute[t] for t in g.inputs)
+
+    def evaluate(self, decision: tuple[int, ...]) -> tuple[float, Any, Strategy]:
+        """(score, cost, strategy); score is the step time, infinite when memory does not fit."""
+        if decision in self._cache:
+            return self._cache[decision]
+        from tag_jax.search.propagate import propagate
+
+        storage, compute = self.shardings(decision)
+        by_input = dict(zip(self.graph.inputs, storage))
+        wanted = {out: by_input[src] for out, src in self.carried.items()}
+        choices = propagate(self.graph, self.op_strategies, self.mesh, compute, outputs=wanted)
+        strategy = Strategy(self.mesh, choices, storage, name="tag_jax")
+        cost = self.sim.cost(strategy)
+        self.evaluations += 1
+        score = cost.step_time_s
+        if self.memory_limit is not None and cost.peak_memory_bytes > self.memory_limit:
+            score = math.inf
+        self._cache[decision] = (score, cost, strategy)
+        return self._cache[decision]
+
+    def neighbour(self, decision: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
+        d = list(decision)
+        k = int(rng.integers(len(d)))
+        n = len(self.batch_sets) if k == len(d) - 1 else len(self.groups[k].options)
+        if n > 1:
+            d[k] = int((d[k] + rng.integers(1, n)) % n)
+        # Chain move: sometimes give the same option index to groups of the same layer.
+        if k < len(self.groups) and rng.random() < 0.3:
+            prefix = self.groups[k].key.rsplit("/", 2)[0]
+            for j, g in enumerate(self.groups):
+                if g.key.startswith(prefix) and g.options == self.groups[k].options:
+                    d[j] = d[k]
+        return tuple(d)
+
+    def run(self, start: tuple[int, ...], deadline: float, rng: np.random.Generator,
+            on_best: Callable[[float], None]) -> tuple[float, Any, Strategy, tuple[int, ...]]:
+        cur = start
+        cur_score, cur_cost, cur_strategy = self.evaluate(cur)
+        best = (cur_score, cur_cost, cur_strategy, cur)
+        temp = 0.05  # relative: accept a 5% worse plan with probability 1/e at the start
+        while time.perf_counter() < deadline:
+            cand = self.neighbour(cur, rng)
+            score, cost, strategy = self.evaluate(cand)
+            if score <= cur_score or (math.isfinite(score) and rng.random() < math.exp(
+                    -(score - cur_score) / max(cur_score * temp, 1e-12))):
+                cur, cur_score = cand, score
+                if score < best[0]:
+                    best = (score, cost, strategy, cand)
+                    on_best(score)
+            temp *= 0.97
+        return best
+
+
+def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...] | None = None,
+                     axis_names: tuple[str, ...] | None = None, permute: bool = True) -> list[MeshSpec]:
+    """Mesh shapes and device orders worth trying.
+
+    Device order: devices sorted by node, so a minor (last) axis stays inside a node — the axis that
+    talks most (tensor parallel) gets the fastest links — and the same with the axes swapped.
+    """
+    ids = tuple(device_ids)
+    if permute:
+        ids = tuple(sorted(ids, key=lambda i: (topology.device(i).node, i)))
+    n = len(ids)
+    if shape is not None:
+        shapes = [(tuple(shape), tuple(axis_names))]
+    else:
+        shapes = [((n,), ("data",))] + [((n // m, m), ("data", "model"))
+                                         for m in range(2, n) if n % m == 0]
+    out = []
+    for shp, names in shapes:
+        out.append(MeshSpec(shp, names, ids))
+        if permute and len(shp) == 2:  # the transposed assignment: the minor axis spans nodes
+            grid = np.asarray(ids).reshape(shp[::-1]).T.reshape(-1)
+            out.append(MeshSpec(shp, names, tuple(int(i) for i in grid)))
+    unique = []
+    for m in out:
+        if m not in unique:
+            unique.append(m)
+    return unique

@@ -1,0 +1,146 @@
+"""The planner: seeds from hand-written plans on every candidate mesh, then anneals the best ones.
+
+`search(graph, topology, device_ids, ...)` returns the best strategy found within `time_budget_s`.
+It never returns a plan the simulator prices worse than a baseline on the meshes it considered,
+because the baselines are its seeds.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from tag_jax.hlo.graph import OpGraph
+from tag_jax.search.anneal import Annealer, SearchResult, candidate_meshes
+from tag_jax.strategy import MeshSpec
+
+SEED_PLANS = ("data_parallel", "fsdp", "megatron")
+
+
+class PlanningError(ValueError):
+    """No plan satisfies the request; the message says what was closest."""
+
+
+def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: tuple[int, ...] | None = None,
+           axis_names: tuple[str, ...] | None = None, time_budget_s: float = 10.0,
+           memory_limit: float | None = None, seed: int = 0, progress: bool = False,
+           permute: bool = True) -> SearchResult:
+    from tag_jax import rules
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.cost import Simulator
+    from tag_jax.search.propagate import carried_outputs
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    if not device_ids:
+        raise PlanningError("the mesh has no devices; pass a Mesh or a list of jax devices")
+    meshes = candidate_meshes(device_ids, topology, mesh_shape, axis_names, permute)
+    carried = carried_outputs(graph)
+    has_1d = any(len(m.shape) == 1 for m in meshes)
+    strategies_by_axes: dict[tuple, tuple] = {}
+    seeds: dict[str, float] = {}
+    scored = []  # (score, name, cost, strategy, annealer, start decision)
+    history = []
+    for mesh in meshes:
+        key = tuple(mesh.axes.items())
+        if key not in strategies_by_axes:
+            strategies_by_axes[key] = rules.for_graph(graph, mesh.axes)
+        ops = strategies_by_axes[key]
+        sim = Simulator(graph, ops, topology, mesh, carried=carried)
+        ann = Annealer(graph, ops, sim, mesh, memory_limit)
+        label = _mesh_label(mesh)
+        for kind in SEED_PLANS:
+            # Data parallel and FSDP use every axis alike: one mesh shape says all about them.
+            if kind == "megatron" and len(mesh.shape) != 2:
+                continue
+            if kind != "megatron" and len(mesh.shape) == 2 and has_1d:
+                continue
+            strategy = baseline_strategy(kind, graph, ops, mesh)
+            cost = sim.cost(strategy)
+            score = _score(cost, memory_limit)
+            seeds[f"{kind} {label}"] = cost.step_time_s
+            scored.append((score, f"{kind} {label}", cost, strategy, ann, _start(ann, kind)))
+        if progress:
+            _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
+    scored.sort(key=lambda s: s[0])
+    best_score, best_name, best_cost, best_strategy = scored[0][:4]
+    decisions = {}
+    history.append((time.perf_counter() - t0, best_score))
+    # Anneal from the best seed of each of the two most promising meshes, sharing what is left.
+    tops, seen = [], set()
+    for s in scored:
+        if s[4].mesh not in seen:
+            seen.add(s[4].mesh)
+            tops.append(s)
+        if len(tops) == 2:
+            break
+    evaluations = len(scored)
+    for i, (_, name, _, _, ann, start) in enumerate(tops):
+        remaining = time_budget_s - (time.perf_counter() - t0)
+        if remaining <= 0:
+            break
+        deadline = time.perf_counter() + remaining / (len(tops) - i)
+
+        def improved(score: float, _name=name) -> None:
+            history.append((time.perf_counter() - t0, score))
+            if progress:
+                _say(f"annealing from {_name}: {score:.4g} s", t0)
+
+        score, cost, strategy, decision = ann.run(start, deadline, rng, improved)
+        evaluations += ann.evaluations
+        if score < best_score:
+            best_score, best_cost, best_strategy = score, cost, strategy
+            decisions = {g.key: g.options[k] for g, k in zip(ann.groups, decision)}
+    if not math.isfinite(best_score):
+        largest = max((graph.tensors[t] for t in graph.inputs), key=lambda t: t.nbytes)
+        least = min(s[2].peak_memory_bytes for s in scored)
+        raise PlanningError(
+            f"no plan fits the memory limit of {_bytes(memory_limit)} per device: the best reached "
+            f"{_bytes(least)} (largest tensor {largest.describe()}, {_bytes(largest.nbytes)}); "
+            "use more devices, a smaller batch, or a larger memory_limit")
+    return SearchResult(strategy=best_strategy, cost=best_cost, evaluations=evaluations,
+                        seconds=time.perf_counter() - t0, seeds=seeds, decisions=decisions,
+                        history=tuple(history))
+
+
+def _start(ann: Annealer, kind: str) -> tuple[int, ...]:
+    """The decision vector that reproduces a baseline's argument shardings (approximately)."""
+    full = len(ann.batch_sets) - 1  # the largest axis set that divides the batch
+    decision = []
+    for g in ann.groups:
+        k = 0
+        if kind == "fsdp":
+            sized = [(g.shape[o.dim], -j) for j, o in enumerate(g.options)
+                     if o.dim is not None and o.gather and len(o.axes) == len(ann.mesh.axis_names)]
+            if sized:
+                k = -max(sized)[1]
+        decision.append(k)
+    batch = full
+    if kind == "megatron" and "data" in ann.mesh.axis_names:
+        batch = next((i for i, s in enumerate(ann.batch_sets) if s == ("data",)), full)
+    return tuple(decision + [batch])
+
+
+def _score(cost, memory_limit: float | None) -> float:
+    if memory_limit is not None and cost.peak_memory_bytes > memory_limit:
+        return math.inf
+    return cost.step_time_s
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _mesh_label(mesh: MeshSpec) -> str:
+    order = "" if list(mesh.device_ids) == sorted(mesh.device_ids) else " permuted"
+    return "(" + ",".join(f"{n}={s}" for n, s in mesh.axes.items()) + ")" + order
+
+
+def _say(msg: str, t0: float) -> None:
+    print(f"[tag_jax {time.perf_counter() - t0:6.2f} s] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,163 @@
+"""Greedy forward choice of op strategies from the shardings of the inputs.
+
+`propagate` walks the ops in order and gives each the option whose wanted input shardings best match
+the shardings its inputs already have: it minimises the bytes to reshard, breaks ties by more
+parallel work, then by the lower option index. It never looks ahead, so it expresses the hand-written
+baselines (fix the inputs, let the rest follow) and seeds the search; it is not a planner on its own.
+
+Resharding bytes here are a coarse, topology-free count (the simulator prices the real collectives):
+reducing a partial sum costs the local bytes of the partial value, un-splitting a dimension (an
+all-gather or all-to-all) costs the local bytes of the result, and slicing a replicated dimension is free.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+from tag_jax.hlo.graph import Op, OpGraph, Role
+from tag_jax.strategy import MeshSpec, OpStrategy, TensorSharding
+
+
+def reshard_bytes(src: TensorSharding | None, dst: TensorSharding, nbytes: float,
+                  mesh_axes: Mapping[str, int]) -> float:
+    """Bytes per device to turn a tensor sharded `src` into `dst` (None: free, e.g. a constant)."""
+    if src is None or src == dst:
+        return 0.0
+    if len(src.dims) != len(dst.dims):
+        return float(nbytes)
+    cost = 0.0
+    if any(a not in dst.partial for a in src.partial):
+        cost += nbytes / src.shards(mesh_axes)  # all-reduce / reduce-scatter of the partial value
+    if any(tuple(d[:len(s)]) != tuple(s) for s, d in zip(src.dims, dst.dims)):
+        cost += nbytes / dst.shards(mesh_axes)  # all-gather / all-to-all into the wanted layout
+    return cost
+
+
+def parallelism(s: OpStrategy, mesh_axes: Mapping[str, int]) -> int:
+    """Into how many pieces the option divides the op's work."""
+    return math.prod(mesh_axes[a] for a in s.split_axes)
+
+
+def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mesh: MeshSpec,
+              input_shardings: Sequence[TensorSharding], *,
+              prefer: Callable[[Op, OpStrategy], float] | None = None,
+              outputs: Mapping[int, TensorSharding] | None = None,
+              refine: int = 2) -> tuple[int, ...]:
+    """One option index per op: a greedy forward pass, then `refine` local-improvement sweeps.
+
+    `input_shardings`: the sharding of each graph input (in `graph.inputs` order).
+    `prefer(op, option)`: a bonus in bytes, subtracted from the option's resharding bytes.
+    `outputs`: wanted shardings of some graph results (tensor id -> sharding), e.g. the updated
+    state should come out as the state went in; an op producing one pays the resharding to it.
+    `refine`: sweeps (backward, then forward, ...) that re-choose each op given both its producers
+    and its consumers, keeping a change only when it lowers the bytes around the op (or keeps them
+    and divides more work). The forward pass alone cannot see that slicing a tensor for free forces
+    a gather later; these sweeps undo such choices.
+    """
+    if len(op_strategies) != len(graph.ops):
+        raise ValueError(f"{len(op_strategies)} strategy lists for the {len(graph.ops)} ops of "
+                         f"{graph.name}; build them with tag_jax.rules.for_graph")
+    if len(input_shardings) != len(graph.inputs):
+        raise ValueError(f"{len(input_shardings)} input shardings for the {len(graph.inputs)} "
+                         f"inputs of {graph.name}")
+    for op, options in zip(graph.ops, op_strategies):
+        if not options:
+            raise ValueError(f"{op.where()} has no strategy options; the rules must give at least "
+                             "full replication")
+    axes = mesh.axes
+    wanted_out = dict(outputs or {})
+    fixed: dict[int, TensorSharding | None] = dict(zip(graph.inputs, input_shardings))
+    for tid in graph.constants:
+        fixed[tid] = None  # a constant is made wherever it is wanted, in any layout
+    uses: dict[int, list[tuple[int, int]]] = {}
+    for op in graph.ops:
+        for pos, tid in enumerate(op.inputs):
+            uses.setdefault(tid, []).append((op.id, pos))
+    choice: list[int | None] = [None] * len(graph.ops)
+    nbytes_of = [t.nbytes for t in graph.tensors]
+
+    out_pos = {tid: k for op in graph.ops for k, tid in enumerate(op.outputs)}
+    factors: dict[tuple[int, int], float] = {}  # by object identity: the options are shared objects
+    par: dict[int, tuple[int, int]] = {}
+
+    def moved(src: TensorSharding | None, dst: TensorSharding, nbytes: float) -> float:
+        if src is None or src is dst:
+            return 0.0
+        k = (id(src), id(dst))
+        f = factors.get(k)
+        if f is None:
+            f = factors[k] = reshard_bytes(src, dst, 1.0, axes)
+        return f * nbytes
+
+    def made(tid: int) -> TensorSharding | None:
+        t = graph.tensors[tid]
+        if t.producer is None:
+            return fixed.get(tid)
+        k = choice[t.producer]
+        return None if k is None else op_strategies[t.producer][k].outputs[out_pos[tid]]
+
+    def key(op: Op, k: int, look_ahead: bool) -> tuple:
+        s = op_strategies[op.id][k]
+        cost = 0.0
+        for tid, want in zip(op.inputs, s.inputs):
+            cost += moved(made(tid), want, nbytes_of[tid])
+        for tid, got in zip(op.outputs, s.outputs):
+            nbytes = nbytes_of[tid]
+            if tid in wanted_out:
+                cost += moved(got, wanted_out[tid], nbytes)
+            if look_ahead:
+                for j, pos in uses.get(tid, ()):
+                    if choice[j] is not None:
+                        cost += moved(got, op_strategies[j][choice[j]].inputs[pos], nbytes)
+        if prefer is not None:
+            cost -= float(prefer(op, s))
+        p = par.get(id(s))
+        if p is None:
+            p = par[id(s)] = (parallelism(s, axes), len(s.split_axes))
+        return (round(cost, 3), -p[0], -p[1], k)
+
+    def best(op: Op, look_ahead: bool) -> int:
+        return min(range(len(op_strategies[op.id])), key=lambda k: key(op, k, look_ahead))
+
+    for op in graph.ops:
+        choice[op.id] = best(op, look_ahead=False)
+    for sweep in range(refine):
+        changed = False
+        for op in (reversed(graph.ops) if sweep % 2 == 0 else graph.ops):
+            k = best(op, look_ahead=True)
+            if k != choice[op.id] and key(op, k, True) < key(op, choice[op.id], True):
+                choice[op.id] = k
+                changed = True
+        if not changed:
+            break
+    return tuple(int(k) for k in choice)
+
+
+def carried_outputs(graph: OpGraph) -> dict[int, int]:
+    """Results that are the new value of an argument (result tensor id -> input tensor id).
+
+    A result matches an input of the same shape and dtype, with role parameter, optimizer state or
+    state, whose path without the argument name ends the result's path: ``out/0/params/w`` is the
+    new ``state/params/w``. Results with no unique match are left out.
+    """
+    carried_roles = (Role.PARAMETER, Role.OPTIMIZER_STATE, Role.STATE)
+    by_tail: dict[tuple[str, ...], list[int]] = {}
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        if t.role in carried_roles and t.path:
+            by_tail.setdefault(tuple(t.path.split("/")[1:]), []).append(tid)
+    out: dict[int, int] = {}
+    for tid in graph.outputs:
+        t = graph.tensors[tid]
+        if not t.path:
+            continue
+        parts = tuple(t.path.split("/"))
+        for n in range(len(parts), 0, -1):
+            hits = [i for i in by_tail.get(parts[-n:], ()) if graph.tensors[i].shape == t.shape
+                    and graph.tensors[i].dtype == t.dtype]
+            if len(hits) == 1:
+                out[tid] = hits[0]
+                break
+            if len(hits) > 1:
+                break
+    return out
