@@ -221,28 +221,87 @@ class Annealer:
 
 def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...] | None = None,
                      axis_names: tuple[str, ...] | None = None, permute: bool = True) -> list[MeshSpec]:
-    """Mesh shapes and device orders worth trying.
-
-    Device order: devices sorted by node, so a minor (last) axis stays inside a node — the axis that
-    talks most (tensor parallel) gets the fastest links — and the same with the axes swapped.
-    """
+    """Mesh shapes worth trying, devices sorted by node so that a minor (last) axis stays inside a
+    node: the axis that talks most (tensor parallel) gets the fastest links. Other device orders
+    are tried on the chosen plan by `device_orders`, which is cheap."""
     ids = tuple(device_ids)
     if permute:
         ids = tuple(sorted(ids, key=lambda i: (topology.device(i).node, i)))
     n = len(ids)
     if shape is not None:
-        shapes = [(tuple(shape), tuple(axis_names))]
-    else:
-        shapes = [((n,), ("data",))] + [((n // m, m), ("data", "model"))
-                                         for m in range(2, n) if n % m == 0]
+        return [MeshSpec(tuple(shape), tuple(axis_names), ids)]
+    return [MeshSpec((n,), ("data",), ids)] + [MeshSpec((n // m, m), ("data", "model"), ids)
+                                               for m in range(2, n) if n % m == 0]
+
+
+def device_orders(mesh: MeshSpec, topology) -> list[MeshSpec]:
+    """Other assignments of the same devices to the mesh's positions.
+
+    The transposed order (the minor axis across nodes), nodes in reverse order, and devices sorted
+    by speed (on mixed clusters, like devices then share the inner axis)."""
+    ids = np.asarray(mesh.device_ids)
+    orders = []
+    if len(mesh.shape) == 2:
+        orders.append(ids.reshape(mesh.shape[::-1]).T.reshape(-1))
+    orders.append(np.asarray(sorted(ids.tolist(), key=lambda i: (-topology.device(i).node, i))))
+    orders.append(np.asarray(sorted(ids.tolist(), key=lambda i: (-topology.device(i).flops, i))))
     out = []
-    for shp, names in shapes:
-        out.append(MeshSpec(shp, names, ids))
-        if permute and len(shp) == 2:  # the transposed assignment: the minor axis spans nodes
-            grid = np.asarray(ids).reshape(shp[::-1]).T.reshape(-1)
-            out.append(MeshSpec(shp, names, tuple(int(i) for i in grid)))
-    unique = []
-    for m in out:
-        if m not in unique:
-            unique.append(m)
-    return unique
+    for o in orders:
+        m = MeshSpec(mesh.shape, mesh.axis_names, tuple(int(i) for i in o))
+        if m != mesh and m not in out:
+            out.append(m)
+    return out
+
+
+def op_classes(graph: OpGraph, op_strategies) -> tuple[tuple[int, ...], ...]:
+    """Ops that share one decision: the same op in every repeated layer (scope without layer
+    indices, primitive, shapes) — TAG's op groups, and the coarsening that keeps moves few."""
+    classes: dict[tuple, list[int]] = {}
+    for op in graph.ops:
+        if len(op_strategies[op.id]) < 2:
+            continue  # nothing to decide
+        shapes = tuple(graph.tensors[t].shape for t in op.inputs + op.outputs)
+        key = (_LAYER_INDEX.sub("_*", op.scope), op.primitive, shapes, id(op_strategies[op.id]))
+        classes.setdefault(key, []).append(op.id)
+    return tuple(tuple(v) for v in classes.values())
+
+
+def anneal_ops(simulator, strategy: Strategy, deadline: float, rng: np.random.Generator,
+               classes: Sequence[Sequence[int]] | None = None, temperature: float = 0.02,
+               memory_limit: float | None = None) -> tuple[Strategy, Any, int]:
+    """Anneal op options (inputs fixed) with class moves priced incrementally; confirm the best.
+
+    Moves set one class of ops to one option; acceptance is Metropolis on the no-overlap step time,
+    with a temperature relative to the current time that cools geometrically. The best strategy seen
+    is re-priced by the full simulator (overlap, memory) and returned only if it beats the start.
+    """
+    graph, ops = simulator.graph, simulator.op_strategies
+    classes = list(classes if classes is not None else op_classes(graph, ops))
+    start_cost = simulator.cost(strategy)
+    if not classes:
+        return strategy, start_cost, 1
+    inc = simulator.incremental(strategy)
+    cur = inc.time
+    best_time, best_choices = cur, inc.choices.copy()
+    moves = 0
+    temp = temperature
+    while time.perf_counter() < deadline:
+        for _ in range(64):  # check the clock every few moves
+            members = classes[int(rng.integers(len(classes)))]
+            k = int(rng.integers(len(ops[members[0]])))
+            changes = {i: k for i in members if inc.choices[i] != k}
+            if not changes:
+                continue
+            new = inc.propose(changes)
+            moves += 1
+            if new <= cur or rng.random() < math.exp(-(new - cur) / max(cur * temp, 1e-12)):
+                cur = inc.commit(changes)
+                if cur < best_time:
+                    best_time, best_choices = cur, inc.choices.copy()
+        temp *= 0.9
+    candidate = dataclasses.replace(strategy, choices=tuple(int(x) for x in best_choices))
+    cost = simulator.cost(candidate)
+    fits = memory_limit is None or cost.peak_memory_bytes <= memory_limit
+    if fits and cost.step_time_s < start_cost.step_time_s:
+        return candidate, cost, moves
+    return strategy, start_cost, moves

@@ -6,6 +6,7 @@ because the baselines are its seeds.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -14,7 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from tag_jax.hlo.graph import OpGraph
-from tag_jax.search.anneal import Annealer, SearchResult, candidate_meshes
+from tag_jax.search.anneal import (Annealer, SearchResult, anneal_ops, candidate_meshes,
+                                   device_orders)
 from tag_jax.strategy import MeshSpec
 
 SEED_PLANS = ("data_parallel", "fsdp", "megatron")
@@ -45,6 +47,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     scored = []  # (score, name, cost, strategy, annealer, start decision)
     history = []
     for mesh in meshes:
+        if scored and time.perf_counter() - t0 > 0.4 * time_budget_s:
+            break  # keep time to improve what we have
         key = tuple(mesh.axes.items())
         if key not in strategies_by_axes:
             strategies_by_axes[key] = rules.for_graph(graph, mesh.axes)
@@ -69,31 +73,52 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     best_score, best_name, best_cost, best_strategy = scored[0][:4]
     decisions = {}
     history.append((time.perf_counter() - t0, best_score))
-    # Anneal from the best seed of each of the two most promising meshes, sharing what is left.
+    seed_seconds = (time.perf_counter() - t0) / max(len(scored), 1)
+    # Improve the best seed of each of the two most promising meshes, sharing what is left:
+    # argument-sharding annealing where re-propagating is cheap enough to try many candidates,
+    # then op-option annealing with incremental pricing.
     tops, seen = [], set()
     for s in scored:
-        if s[4].mesh not in seen:
+        if s[4].mesh not in seen and math.isfinite(s[0]):
             seen.add(s[4].mesh)
             tops.append(s)
         if len(tops) == 2:
             break
     evaluations = len(scored)
-    for i, (_, name, _, _, ann, start) in enumerate(tops):
+    for i, (score0, name, cost0, strategy0, ann, start) in enumerate(tops):
         remaining = time_budget_s - (time.perf_counter() - t0)
         if remaining <= 0:
             break
         deadline = time.perf_counter() + remaining / (len(tops) - i)
+        score, cost, strategy = score0, cost0, strategy0
+        if remaining / (len(tops) - i) > 40 * seed_seconds:
+            def improved(value: float, _name=name) -> None:
+                history.append((time.perf_counter() - t0, value))
+                if progress:
+                    _say(f"annealing shardings from {_name}: {value:.4g} s", t0)
 
-        def improved(score: float, _name=name) -> None:
-            history.append((time.perf_counter() - t0, score))
-            if progress:
-                _say(f"annealing from {_name}: {score:.4g} s", t0)
-
-        score, cost, strategy, decision = ann.run(start, deadline, rng, improved)
-        evaluations += ann.evaluations
+            half = time.perf_counter() + (deadline - time.perf_counter()) / 2
+            s2, c2, st2, decision = ann.run(start, half, rng, improved)
+            evaluations += ann.evaluations
+            if s2 < score:
+                score, cost, strategy = s2, c2, st2
+                decisions = {g.key: g.options[k] for g, k in zip(ann.groups, decision)}
+        strategy, cost, moves = anneal_ops(ann.sim, strategy, deadline, rng, memory_limit=memory_limit)
+        evaluations += moves
+        score = _score(cost, memory_limit)
+        if permute:  # device assignment: the same plan on other orders of the same devices
+            for order in device_orders(ann.mesh, topology):
+                moved = dataclasses.replace(strategy, mesh=order)
+                c = ann.sim.with_mesh(order).cost(moved)
+                evaluations += 1
+                if _score(c, memory_limit) < score:
+                    strategy, cost, score = moved, c, _score(c, memory_limit)
+        if progress:
+            _say(f"annealed ops from {name}: {score:.4g} s ({moves} moves)", t0)
         if score < best_score:
             best_score, best_cost, best_strategy = score, cost, strategy
-            decisions = {g.key: g.options[k] for g, k in zip(ann.groups, decision)}
+            best_name = f"annealed from {name}"
+            history.append((time.perf_counter() - t0, best_score))
     if not math.isfinite(best_score):
         largest = max((graph.tensors[t] for t in graph.inputs), key=lambda t: t.nbytes)
         least = min(s[2].peak_memory_bytes for s in scored)
@@ -101,6 +126,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             f"no plan fits the memory limit of {_bytes(memory_limit)} per device: the best reached "
             f"{_bytes(least)} (largest tensor {largest.describe()}, {_bytes(largest.nbytes)}); "
             "use more devices, a smaller batch, or a larger memory_limit")
+    best_strategy = dataclasses.replace(best_strategy, name=f"tag_jax ({best_name})")
     return SearchResult(strategy=best_strategy, cost=best_cost, evaluations=evaluations,
                         seconds=time.perf_counter() - t0, seeds=seeds, decisions=decisions,
                         history=tuple(history))

@@ -121,15 +121,24 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
 
     for op in graph.ops:
         choice[op.id] = best(op, look_ahead=False)
+    # After the first full sweep only the neighbours of ops that changed can want to change.
+    todo = set(range(len(graph.ops)))
     for sweep in range(refine):
-        changed = False
+        changed: set[int] = set()
         for op in (reversed(graph.ops) if sweep % 2 == 0 else graph.ops):
+            if op.id not in todo or len(op_strategies[op.id]) < 2:
+                continue
             k = best(op, look_ahead=True)
             if k != choice[op.id] and key(op, k, True) < key(op, choice[op.id], True):
                 choice[op.id] = k
-                changed = True
+                changed.add(op.id)
         if not changed:
             break
+        todo = set()
+        for i in changed:
+            op = graph.ops[i]
+            todo.update(p for p in (graph.tensors[t].producer for t in op.inputs) if p is not None)
+            todo.update(j for t in op.outputs for j, _ in uses.get(t, ()))
     return tuple(int(k) for k in choice)
 
 

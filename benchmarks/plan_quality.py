@@ -1,0 +1,86 @@
+"""tag_jax vs the hand-written plans: predicted step time per zoo model and topology preset.
+
+Usage: python benchmarks/plan_quality.py [--budget 10] [--topologies 2x4-v100-25gbe,...]
+                                         [--models gpt2:small,...] [--out benchmarks/RESULTS.md]
+
+All plans are priced by the same simulator in the same run: the baselines (data parallel, FSDP,
+Megatron on every (data, model) split) are the search's seeds, so each ratio is side by side.
+Planning time is the search's wall time on this machine (tracing excluded, reported apart).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import tag_jax
+from tag_jax import models
+from tag_jax.cost.simulate import USABLE_MEMORY
+from tag_jax.search.planner import PlanningError, search
+
+TOPOLOGIES = "1x8-a100-nvlink,2x4-v100-25gbe,tag-hetero,4xa100-4xv100,tpu-v4-2x2x2"
+MODELS = "mlp:real,gpt2:small,bert:base,vit:b16,resnet:50,vgg:19,moe:base,t5:base,recommender:real"
+
+
+def best_of(seeds: dict, kind: str) -> float:
+    values = [v for k, v in seeds.items() if k.startswith(kind)]
+    return min(values) if values else math.nan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=10.0, help="search time budget per case, s")
+    ap.add_argument("--topologies", default=TOPOLOGIES)
+    ap.add_argument("--models", default=MODELS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    header = ("| model | topology | tag_jax s | DP s | FSDP s | Megatron s | vs DP | vs best baseline | "
+              "mesh | peak GiB | trace s | plan s |")
+    lines = [header, "|" + "---|" * 12]
+    print(header, flush=True)
+    ratios: dict[str, list[float]] = {}
+    for case in args.models.split(","):
+        name, size = case.split(":")
+        ex = models.get(name, size)
+        t0 = time.perf_counter()
+        graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+        trace_s = time.perf_counter() - t0
+        for topo_name in args.topologies.split(","):
+            topo = tag_jax.Topology.preset(topo_name)
+            ids = list(range(min(8, topo.num_devices)))
+            limit = USABLE_MEMORY * min(topo.device_memory(i) for i in ids)
+            t0 = time.perf_counter()
+            try:
+                r = search(graph, topo, ids, time_budget_s=args.budget, memory_limit=limit)
+            except PlanningError as exc:
+                line = f"| {name}-{size} | {topo_name} | no plan fits: {str(exc)[:80]}… |" + " |" * 9
+                lines.append(line)
+                print(line, flush=True)
+                continue
+            plan_s = time.perf_counter() - t0
+            dp, fsdp, meg = (best_of(r.seeds, k) for k in ("data_parallel", "fsdp", "megatron"))
+            ours = r.cost.step_time_s
+            best_base = min(v for v in (dp, fsdp, meg) if v == v)
+            ratios.setdefault(topo_name, []).append(dp / ours)
+            mesh = ",".join(f"{a}={n}" for a, n in r.strategy.mesh.axes.items())
+            line = (f"| {name}-{size} | {topo_name} | {ours:.4f} | {dp:.4f} | {fsdp:.4f} | {meg:.4f} | "
+                    f"{dp / ours:.2f}x | {best_base / ours:.2f}x | {mesh} | "
+                    f"{r.cost.peak_memory_bytes / 2**30:.2f} | {trace_s:.2f} | {plan_s:.1f} |")
+            lines.append(line)
+            print(line, flush=True)
+    summary = ["", "Geometric-mean speed-up over data parallel (DP times include plans that do not "
+               "fit in memory; the search only returns plans that fit):"]
+    for topo_name, rs in ratios.items():
+        summary.append(f"- {topo_name}: {math.exp(sum(map(math.log, rs)) / len(rs)):.2f}x "
+                       f"(max {max(rs):.2f}x over {len(rs)} models)")
+    print("\n".join(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# Plan quality: predicted step time, tag_jax vs hand-written plans\n\nCommand: "
+                    f"`python benchmarks/plan_quality.py --budget {args.budget} --out {args.out}` "
+                    "(8 devices of each preset; simulator prices; 2-core machine)\n\n")
+            f.write("\n".join(lines + summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()
