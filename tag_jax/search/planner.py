@@ -120,6 +120,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             best_name = f"annealed from {name}"
             history.append((time.perf_counter() - t0, best_score))
     if not math.isfinite(best_score):
+        from tag_jax.plan import _bytes
+
         largest = max((graph.tensors[t] for t in graph.inputs), key=lambda t: t.nbytes)
         least = min(s[2].peak_memory_bytes for s in scored)
         raise PlanningError(
@@ -154,13 +156,6 @@ def _score(cost, memory_limit: float | None) -> float:
     if memory_limit is not None and cost.peak_memory_bytes > memory_limit:
         return math.inf
     return cost.step_time_s
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _mesh_label(mesh: MeshSpec) -> str:
