@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="small", help="model size, e.g. toy, small, base, real")
     ap.add_argument("--topology", default="2x4-v100-25gbe", help="preset name or JSON file")
     ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices when none are set")
-    ap.add_argument("--budget", type=float, default=10.0, help="planning time budget, seconds")
+    ap.add_argument("--budget", type=float, default=7.0, help="search time budget, seconds")
     ap.add_argument("--save", default="plan.json", help="where to save the plan (JSON)")
     args = ap.parse_args(argv)
     _simulated_devices(args.devices)

@@ -11,7 +11,7 @@ from tag_jax.plan import Plan, ShardedFunction
 
 
 def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topology=None,
-               time_budget_s: float = 10.0, memory_limit: float | None = None, seed: int = 0,
+               time_budget_s: float = 7.0, memory_limit: float | None = None, seed: int = 0,
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
                progress: bool = False, compiler_options=None) -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
@@ -20,7 +20,8 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     where unless `keep_device_order`), a list of devices, or None for all devices (the planner
     chooses the mesh shape and names its axes `data` and `model`). `topology` defaults to
     `Topology.detect()`. `memory_limit` (bytes per device) defaults to the smallest device memory of
-    the topology times `tag_jax.cost.USABLE_MEMORY`. Plans are made once per input signature
+    the topology times `tag_jax.cost.USABLE_MEMORY`. `time_budget_s` bounds the search; tracing and
+    building the plan add about 2 s for GPT-2 small. Plans are made once per input signature
     (`.plan(*args)`, abstract arguments are fine) and deterministic for a given `seed`.
     """
     from tag_jax.topology import Topology
@@ -61,7 +62,8 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
                         permute=not keep_device_order)
         strategy = result.strategy
         op_strategies = rules.for_graph(graph, strategy.mesh.axes)
-        plan = Plan.build(graph, strategy, op_strategies, topo, jax_mesh=make_mesh(strategy.mesh))
+        plan = Plan.build(graph, strategy, op_strategies, topo, jax_mesh=make_mesh(strategy.mesh),
+                          cost=result.cost)
         object.__setattr__(plan, "search", result)  # how the plan was found, for summaries
         return plan
 

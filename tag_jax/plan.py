@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import types
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -256,17 +255,13 @@ class Plan:
 
 
 def simulate(graph: OpGraph, op_strategies, topology, strategy: Strategy) -> Any | None:
-    """The simulator's Cost of a strategy, or None when `tag_jax.cost` is not available."""
-    try:
-        from tag_jax.cost import Simulator
-    except ImportError:
-        return None
-    try:
-        return Simulator(graph, op_strategies, topology, strategy.mesh).cost(strategy)
-    except Exception as exc:  # a prediction is optional: the plan still runs without one
-        warnings.warn(f"no cost prediction for {graph.name}: the simulator failed with "
-                      f"{type(exc).__name__}: {exc}", stacklevel=2)
-        return None
+    """The simulator's Cost of a strategy in its steady state: updated state is priced back to the
+    layout it came in with (as the planner prices its candidates, so costs compare)."""
+    from tag_jax.cost import Simulator
+    from tag_jax.search.propagate import carried_outputs
+
+    sim = Simulator(graph, op_strategies, topology, strategy.mesh, carried=carried_outputs(graph))
+    return sim.cost(strategy)
 
 
 def abstract(tree: Any) -> Any:
