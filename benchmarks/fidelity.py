@@ -1,7 +1,12 @@
 """Does the simulator predict what XLA compiles? Baseline plans at real size, compile only.
 
 Usage: python benchmarks/fidelity.py [--models gpt2:small,bert:base] [--topology 2x4-v100-25gbe]
-                                     [--out benchmarks/FIDELITY.md]
+                                     [--constrain operands|results] [--out benchmarks/FIDELITY.md]
+
+`--constrain operands` (the default here) compiles the program emitted with
+`Plan.jit(constrain="operands")`, which also pins the operand layouts each op's strategy wants, so the
+program does what the strategy says; `--constrain results` compiles the default program
+(`Plan.jit()`), where GSPMD may pick other operand layouts (see tag_jax/emit/program.py).
 
 For every (model, plan), the plan's predicted per-device collective bytes (per kind) are compared with
 the collectives parsed from the compiled HLO (`tag_jax.hlo.collectives`; XLA:CPU's all-reduce + 1/n
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--topology", default="2x4-v100-25gbe")
     ap.add_argument("--plans", default="data_parallel,fsdp,megatron")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--constrain", default="operands", choices=("operands", "results"))
     args = ap.parse_args()
     topo = tag_jax.Topology.preset(args.topology)
     mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -54,7 +60,8 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = planner.plan(ex.state, ex.batch)
             plan_s = time.perf_counter() - t0
-            compiled = planner.lower(ex.state, ex.batch).compile()
+            constrain = "operands" if args.constrain == "operands" else True
+            compiled = plan.jit(constrain=constrain).lower(ex.state, ex.batch).compile()
             real = collective_bytes_by_kind(collectives(compiled))
             pred = plan.cost.comm_bytes_by_kind
             rows = [(k, pred.get(k, 0), real.get(k, 0)) for k in KINDS if pred.get(k, 0) or real.get(k, 0)]
@@ -73,7 +80,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Simulator fidelity: predicted vs compiled (topology {args.topology}, 8 CPU devices)\n\n"
-                    f"Command: `python benchmarks/fidelity.py --out {args.out}`\n\n")
+                    f"Command: `python benchmarks/fidelity.py --constrain {args.constrain} "
+                    f"--out {args.out}`\n\n")
             f.write("\n".join(lines + summary) + "\n")
 
 

@@ -67,6 +67,17 @@ RESHARDS = [
     (P("a", None, partial="b"), P("b", None), [("all-reduce", ("b",), 32 * 128 * 4),
                                                ("collective-permute", ("a", "b"), 16 * 128 * 4)]),
     (P(None, None), P(None, None, partial="a"), []),  # becoming partial is a local select
+    # an axis changes dimension but each new piece lies inside one old piece: one permute
+    (P(None, "a"), P("a", "b"), [("collective-permute", ("a", "b"), 32 * 32 * 4)]),
+    (P("a", None), P("b", "a"), [("collective-permute", ("a", "b"), 16 * 64 * 4)]),
+    # an axis leaving a dimension moves before that dimension is sliced
+    (P(None, "b"), P("b", "a"), [("all-to-all", ("b",), 64 * 32 * 4)]),
+    # a swap: an all-to-all, then a permute of the same bytes
+    (P("a", "b"), P("b", "a"), [("all-to-all", ("a",), 32 * 32 * 4),
+                                ("collective-permute", ("b",), 32 * 32 * 4)]),
+    # moved axes landing in the wrong order are permuted after the all-to-all
+    (P("a", None), P(None, ("a", "b")), [("all-to-all", ("a",), 32 * 32 * 4),
+                                         ("collective-permute", ("a", "b"), 32 * 32 * 4)]),
 ]
 
 
@@ -439,3 +450,24 @@ def test_unknown_mesh_axis_in_an_input_sharding_is_reported(mlp):
     inputs[0] = TS((("q",), ()))
     with pytest.raises(ValueError, match="input 0 .* mesh axis 'q'"):
         Simulator(mlp, strats, two_node_topology(), mesh).cost(Strategy(mesh, dp, tuple(inputs)))
+
+
+def test_partial_result_is_constrained_where_it_is_reduced():
+    from tag_jax.cost.reshard import after_reduction
+    # reduce-scatter over b, then the all-gather over a happens on the reduced piece
+    assert after_reduction(P("a", None, partial="b"), P(None, "b")) == P("a", "b")
+    # nothing but the reduction to do: the target itself
+    assert after_reduction(P(None, None, partial="b"), P("b", None)) == P("b", None)
+    assert after_reduction(P(None, None, partial="b"), P(None, None)) == P(None, None)
+
+
+def test_fused_elementwise_chains_hold_no_memory():
+    """XLA fuses sin -> mul -> add into one loop: only x, the constants and the result are buffers."""
+    from tag_jax import rules
+    g = tag_jax.trace(lambda x: jnp.sin(x) * 2.0 + 1.0, S((256, 64), F32))
+    assert [op.primitive for op in g.ops] == ["sin", "mul", "add"]
+    mesh = MeshSpec((2,), ("a",), (0, 1))
+    strats = rules.for_graph(g, mesh.axes)
+    const = sum(t.nbytes for t in g.tensors if t.producer is None and t.id not in g.inputs)
+    c = simulate(g, strats, Strategy(mesh, (0, 0, 0), (P(None, None),)), two_node_topology())
+    assert c.peak_memory_bytes == 2 * 256 * 64 * 4 + const

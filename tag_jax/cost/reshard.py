@@ -19,12 +19,19 @@ devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
 4. Re-ordering within a dimension (neither split is a prefix of the other, e.g. ``(a,b) -> (b,a)`` or
    ``a -> b``): a collective-permute of the local piece; when the new split is coarser, followed by an
    all-gather over the axes that left (XLA: ``(a,b) -> b`` is a permute then an all-gather over a).
+0. (Checked first.) Axes moving between dimensions while every dimension's new piece count is a
+   multiple of its old one: each new piece lies inside one old piece, so XLA sends it with ONE
+   collective-permute of the new local bytes (``P(None,a) -> P(a,b)``, ``P(a,None) -> P(b,a)``).
 5. Axes moving from one dimension to another: one all-to-all per (from, to) pair of dimensions over
-   those axes, bytes = the local buffer (all-to-all keeps its size). XLA gathers first, then moves.
+   those axes, bytes = the local buffer (all-to-all keeps its size). XLA gathers first, then moves;
+   a dimension an axis leaves is sliced (for its new axes) only after the move
+   (``P(None,b) -> P(b,a)``: all-to-all of the (64, 32) block, then slice). When the moved axes land
+   in another order than wanted (``P(a,None) -> P(None,(a,b))`` gives ``(b,a)``), XLA follows with a
+   collective-permute of the same bytes.
 
-Known differences (rare in plans): a swap ``P(a,b) -> P(b,a)`` is priced as two all-to-alls where
-XLA emits an all-to-all and a collective-permute of the same size; in step 4 the gather group XLA uses
-can be smaller than the axes priced here.
+   A swap ``P(a,b) -> P(b,a)`` is an all-to-all then a collective-permute of the same size (XLA).
+
+Known differences: in step 4 the gather group XLA uses can be smaller than the axes priced here.
 """
 from __future__ import annotations
 
@@ -95,9 +102,22 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
     d_ = [tuple(a for a in d if a not in moved) for d in dst.dims]
     reduce = [a for a in src.partial if a not in dst.partial]
 
+    # 0. contained tiles: when axes change dimension but every dimension's new split refines its old
+    # one (the new piece count is a multiple of the old), each device's new piece lies inside ONE
+    # old piece: XLA sends it with one collective-permute (bytes = the new local piece), where the
+    # steps below would price an all-to-all of the same bytes (``P(None,a) -> P(a,b)``).
+    if moved and not reduce and all(
+            math.prod(sizes[a] for a in d) % math.prod(sizes[a] for a in s) == 0
+            for s, d in zip(src.dims, dst.dims)):
+        axes = tuple(dict.fromkeys(src.axes + dst.axes))
+        local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
+        return (Comm("collective-permute", axes, local_dst),) if local_dst else ()
+
     # 1. free slices, and the reduce-scatter candidates of step 2
     scatter: dict[int, list[str]] = {}
     for i in range(ndim):
+        if any(a in moved for a in src.dims[i]):
+            continue  # an axis leaves this dimension: XLA moves it first, slices after (below)
         if d_[i][:len(s_[i])] == s_[i]:
             for a in d_[i][len(s_[i]):]:
                 if a in src_where:
@@ -153,8 +173,45 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
     for (i, j), axes in pairs.items():
         cur[i] = [a for a in cur[i] if a not in axes]
         cur[j] = cur[j] + axes
-        comms.append(Comm("all-to-all", tuple(axes), local()))
+        # a swap (axes going i -> j and others j -> i): XLA's second exchange is a permute
+        kind = "collective-permute" if (j, i) in pairs and (j, i) < (i, j) else "all-to-all"
+        comms.append(Comm(kind, tuple(axes), local()))
+    for j in range(ndim):  # XLA: the moved axes landed minor to the wanted order: one more permute
+        if pairs and set(cur[j]) == set(dst.dims[j]) and cur[j] != list(dst.dims[j]):
+            cur[j] = list(dst.dims[j])
+            comms.append(Comm("collective-permute", tuple(dst.dims[j]), local()))
     return tuple(c for c in comms if c.bytes > 0 and math.prod(sizes[a] for a in c.axes) > 1)
+
+
+def after_reduction(src: TensorSharding, dst: TensorSharding) -> TensorSharding:
+    """The sharding a partial `src` has right after steps 1-2 of `reshard_collectives` towards a
+    non-partial `dst`: its free slices done and its partial axes reduced (scattered where step 2
+    scatters). Equals `dst` when the reduction is all there is to do. `tag_jax.emit` constrains a
+    partial op result to this: constraining it to `dst` itself lets GSPMD re-plan the producing
+    dot instead (e.g. gather a batch-sized operand over `model` to make a weight gradient split
+    differently), where the simulator prices reducing first and moving the small result after."""
+    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
+    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
+    moved = {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+    cur = [list(d) for d in src.dims]
+    reduce = [a for a in src.partial if a not in dst.partial]
+    scatter: dict[int, list[str]] = {}
+    for i, (sd, dd) in enumerate(zip(src.dims, dst.dims)):
+        if any(a in moved for a in sd):
+            continue
+        s_ = tuple(a for a in sd if a not in moved)
+        d_ = tuple(a for a in dd if a not in moved)
+        if d_[:len(s_)] == s_:
+            for a in d_[len(s_):]:
+                if a in src_where:
+                    continue
+                if a in reduce:
+                    scatter.setdefault(i, []).append(a)
+                elif a not in src.partial:
+                    cur[i].append(a)
+    for i, axes in scatter.items():
+        cur[i].extend(axes)
+    return TensorSharding(tuple(tuple(c) for c in cur), tuple(a for a in src.partial if a in dst.partial))
 
 
 def comm_time(comm: Comm, mesh: MeshSpec, topology) -> float:

@@ -5,6 +5,16 @@ op result, as the op's chosen strategy produces it; arguments and results get `i
 `out_shardings`. GSPMD cannot be asked for an unreduced partial sum, so a partial result is left
 unconstrained when its consumers disagree, or constrained to what all of its consumers want (which
 lets XLA fuse the reduction into a reduce-scatter when they want it split).
+
+With `constrain="operands"` an op's operand is also constrained to the sharding the op's strategy
+wants when that differs from the sharding it was produced with (one constrained copy per (tensor,
+sharding), shared by every consumer that wants it, as the simulator prices one reshard per (tensor,
+target)). Without it GSPMD picks the operand layouts of e.g. a weight-gradient `dot_general` itself
+(a partial sum and a reduce-scatter of the weight-sized gradient where the strategy gathers the
+batch-split output gradient and moves the activation with an all-to-all), so the compiled
+collectives can differ from the plan; with it they match the simulator kind by kind
+(benchmarks/FIDELITY.md). It is not the default yet: with it the toy FSDP baseline compiles to the
+plan's own (cheaper) weight-gradient collectives, not the textbook ones tests/test_emit.py expects.
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding
 
+from tag_jax.cost.reshard import after_reduction
 from tag_jax.hlo.evaluate import evaluate
 from tag_jax.hlo.graph import OpGraph
 from tag_jax.strategy import OpStrategy, Strategy, TensorSharding
@@ -64,9 +75,17 @@ def produced_shardings(graph: OpGraph, strategy: Strategy,
 
 def output_shardings(graph: OpGraph, strategy: Strategy,
                      op_strategies: Sequence[Sequence[OpStrategy]]) -> tuple[TensorSharding, ...]:
-    """The (non-partial) sharding of each graph result, in `graph.outputs` order."""
+    """The (non-partial) sharding of each graph result, in `graph.outputs` order. Carried state
+    (`tag_jax.search.propagate.carried_outputs`: the new value of an argument) comes back sharded as
+    its argument went in, so a step's output feeds the next step as is; this is the steady state
+    `tag_jax.plan.simulate` prices (the simulator's `carried`), including the reshard it needs."""
+    from tag_jax.search.propagate import carried_outputs
+
     made = produced_shardings(graph, strategy, op_strategies)
-    return tuple(made[t].without_partial() for t in graph.outputs)
+    by_input = dict(zip(graph.inputs, strategy.input_shardings))
+    carried = carried_outputs(graph)
+    return tuple(by_input[carried[t]] if t in carried else made[t].without_partial()
+                 for t in graph.outputs)
 
 
 def check(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
@@ -110,7 +129,9 @@ def check(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[O
 def constraints(graph: OpGraph, strategy: Strategy,
                 op_strategies: Sequence[Sequence[OpStrategy]]) -> dict[int, TensorSharding]:
     """Which op results get a sharding constraint, and which: each result as its op produces it;
-    a partial result as all its consumers want it (non-partial), or none when they disagree."""
+    a partial result, when all its consumers want one non-partial sharding, as it is right after
+    its reduction on the way there (`tag_jax.cost.reshard.after_reduction`: usually what they
+    want), or none when they disagree."""
     picks = chosen(graph, strategy, op_strategies)
     wanted: dict[int, set[TensorSharding]] = {}
     for op, s in zip(graph.ops, picks):
@@ -124,19 +145,43 @@ def constraints(graph: OpGraph, strategy: Strategy,
                 continue
             want = wanted.get(tid, set())
             if len(want) == 1 and not next(iter(want)).partial:
-                out[tid] = next(iter(want))
+                # reduced as the simulator prices it (reduce-scatter where it can), then moved
+                reduced = after_reduction(ts, next(iter(want)))
+                if not reduced.partial:
+                    out[tid] = reduced
+    return out
+
+
+def operand_constraints(graph: OpGraph, strategy: Strategy,
+                        op_strategies: Sequence[Sequence[OpStrategy]]) -> dict[tuple[int, int], TensorSharding]:
+    """{(op id, operand position): sharding} for the operands an op wants resharded: non-partial
+    wanted shardings that differ from (the non-partial part of) how the tensor was produced."""
+    picks = chosen(graph, strategy, op_strategies)
+    made = produced_shardings(graph, strategy, op_strategies)
+    out: dict[tuple[int, int], TensorSharding] = {}
+    for op, s in zip(graph.ops, picks):
+        for pos, (tid, ts) in enumerate(zip(op.inputs, s.inputs)):
+            if ts.partial or tid in graph.constants:
+                continue
+            if ts != made[tid]:
+                out[(op.id, pos)] = ts
     return out
 
 
 def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
          jax_mesh: Mesh | None = None, *, donate_argnums: int | Sequence[int] = (),
-         compiler_options: Mapping[str, Any] | None = None, constrain: bool = True) -> Callable:
+         compiler_options: Mapping[str, Any] | None = None,
+         constrain: bool | str = True) -> Callable:
     """The jitted program of `strategy`, taking the traced function's positional arguments.
 
     `jax_mesh` defaults to `make_mesh(strategy.mesh)` (Auto axes). `constrain=False` places only
     the argument and result shardings (GSPMD propagates the rest): useful to tell a constraint
-    problem from a program problem.
+    problem from a program problem. `constrain="operands"` also pins the operands each op wants
+    resharded (see the module docstring), so the program does exactly what the strategy says.
     """
+    if constrain not in (True, False, "operands"):
+        raise EmitError(f"constrain={constrain!r}: give True (op results), False (arguments and "
+                        f"results only) or 'operands' (op results and resharded operands)")
     from tag_jax.emit.mesh import make_mesh
 
     mesh = make_mesh(strategy.mesh) if jax_mesh is None else jax_mesh
@@ -158,6 +203,10 @@ def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[Op
     marks = ({tid: NamedSharding(mesh, ts.to_partition_spec())
               for tid, ts in constraints(graph, strategy, op_strategies).items()} if constrain else {})
 
+    operand_marks = ({k: NamedSharding(mesh, ts.to_partition_spec())
+                      for k, ts in operand_constraints(graph, strategy, op_strategies).items()}
+                     if constrain == "operands" else {})
+
     def hook(tid: int, value: Any) -> Any:
         sharding = marks.get(tid)
         return value if sharding is None else jax.lax.with_sharding_constraint(value, sharding)
@@ -167,7 +216,19 @@ def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[Op
         if tree != graph.in_tree:
             raise EmitError(f"{graph.name} was planned for arguments of structure {graph.in_tree}, "
                             f"got {tree}; plan again for these arguments")
-        return jax.tree_util.tree_unflatten(graph.out_tree, evaluate(graph, flat, on_tensor=hook))
+        copies: dict[tuple[int, Any], Any] = {}  # (id of the value, spec) -> constrained copy
+
+        def operand(op_id: int, pos: int, value: Any) -> Any:
+            sharding = operand_marks.get((op_id, pos))
+            if sharding is None:
+                return value
+            key = (id(value), sharding.spec)
+            if key not in copies:
+                copies[key] = (value, jax.lax.with_sharding_constraint(value, sharding))
+            return copies[key][1]
+
+        return jax.tree_util.tree_unflatten(graph.out_tree, evaluate(graph, flat, hook, on_operand=operand))
+
 
     run.__name__ = run.__qualname__ = graph.name
     return jax.jit(run, in_shardings=tuple(args_shardings), out_shardings=out_shardings,
