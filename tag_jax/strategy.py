@@ -47,6 +47,17 @@ class TensorSharding:
         """Every mesh axis that splits some dimension."""
         return tuple(a for d in self.dims for a in d)
 
+    def problem(self, shape: Sequence[int], mesh_axes: Mapping[str, int]) -> str | None:
+        """Why this sharding cannot apply to a tensor of `shape` on a mesh, or None if it can."""
+        if len(self.dims) != len(shape):
+            return (f"sharding {self} has {len(self.dims)} dims but the tensor has shape "
+                    f"{tuple(shape)}; give one entry per dimension")
+        for a in self.axes + self.partial:
+            if a not in mesh_axes:
+                return (f"sharding {self} names mesh axis {a!r}, but the mesh has axes "
+                        f"{dict(mesh_axes)}; plan for this mesh or name its axes")
+        return None
+
     def is_replicated(self) -> bool:
         return not self.axes and not self.partial
 

@@ -70,13 +70,9 @@ def _local_bytes(shape: Sequence[int], dims: Sequence[Sequence[str]], itemsize: 
 
 
 def _check(s: TensorSharding, shape: Sequence[int], sizes: dict[str, int], what: str) -> None:
-    if len(s.dims) != len(shape):
-        raise ValueError(f"{what} sharding {s} has {len(s.dims)} dims but the tensor has shape "
-                         f"{tuple(shape)}; give one entry per dimension")
-    for a in s.axes + s.partial:
-        if a not in sizes:
-            raise ValueError(f"{what} sharding {s} names mesh axis {a!r}, which the mesh "
-                             f"{sizes} does not have")
+    problem = s.problem(shape, sizes)
+    if problem:
+        raise ValueError(f"{what} {problem}")
 
 
 def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequence[int], dtype,

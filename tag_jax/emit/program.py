@@ -97,13 +97,9 @@ def check(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[O
 
     def one(ts: TensorSharding, tid: int, where: str, even: bool) -> None:
         t = graph.tensors[tid]
-        if len(ts.dims) != len(t.shape):
-            raise EmitError(f"{where}: sharding {ts} has {len(ts.dims)} dimension(s) but "
-                            f"{t.describe()} has {len(t.shape)}")
-        for a in ts.axes + ts.partial:
-            if a not in axes:
-                raise EmitError(f"{where}: sharding {ts} of {t.describe()} names mesh axis {a!r}, but "
-                                f"the mesh has axes {axes}; plan for this mesh or name its axes")
+        problem = ts.problem(t.shape, axes)
+        if problem:
+            raise EmitError(f"{where} ({t.describe()}): {problem}")
         used = ts.axes + ts.partial
         if len(set(used)) != len(used):
             raise EmitError(f"{where}: sharding {ts} of {t.describe()} uses a mesh axis twice")

@@ -74,13 +74,7 @@ class Op:
     @property
     def source(self) -> str:
         """User source location (file:line (function)), for error messages; computed on demand."""
-        if self.eqn is None:
-            return ""
-        try:
-            from jax._src import source_info_util  # private, but the only way to a user frame
-            return source_info_util.summarize(self.eqn.source_info)
-        except Exception:
-            return ""
+        return "" if self.eqn is None else source_of(self.eqn)
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -160,7 +154,7 @@ class OpGraph:
             lines.append(f"  note: {len(loops)} while loop(s) with unknown trip count priced as one trip")
         heavy = sorted(self.ops, key=lambda op: -op.flops)[:top]
         if heavy and heavy[0].flops > 0:
-            lines.append(f"  heaviest ops:")
+            lines.append("  heaviest ops:")
             for op in heavy:
                 if op.flops <= 0:
                     break
@@ -172,6 +166,15 @@ class OpGraph:
         mix = ", ".join(f"{p} {n}" for p, n in self.primitives().most_common(12))
         lines.append(f"  primitives: {mix}")
         return "\n".join(lines)
+
+
+def source_of(eqn: Any) -> str:
+    """The user source line of a jaxpr equation, e.g. `model.py:12 (Block.__call__)`."""
+    try:
+        from jax._src import source_info_util  # private, but the only way to a user frame
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:
+        return ""
 
 
 def _si(x: float) -> str:

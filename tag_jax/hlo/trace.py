@@ -15,7 +15,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from tag_jax.hlo import flops as _flops
-from tag_jax.hlo.graph import Op, OpGraph, Role, Tensor
+from tag_jax.hlo.graph import Op, OpGraph, Role, Tensor, source_of
 
 
 class TraceError(ValueError):
@@ -140,7 +140,7 @@ class _Builder:
             eqn_scope = _join(scope, str(eqn.source_info.name_stack))
             if prim in _UNSUPPORTED or (prim.endswith("callback") and prim != "debug_callback"):
                 reason = _UNSUPPORTED.get(prim, "a host callback cannot be planned")
-                raise TraceError(f"unsupported primitive `{prim}` at {_source(eqn)}: {reason}.")
+                raise TraceError(f"unsupported primitive `{prim}` at {source_of(eqn)}: {reason}.")
             if prim in _INLINE and _INLINE[prim] in eqn.params:
                 self._inline(eqn, ins, env, trips, eqn_scope)
                 continue
@@ -229,10 +229,9 @@ def _while_trip_count(eqn: Any, b: _Builder) -> int | None:
     def value(v: Any) -> Any:
         if isinstance(v, Literal):
             return v.val
-        if v in cond.invars:
-            src = outer[cond.invars.index(v)] if cond.invars.index(v) < nc else outer[
-                nc + nb + cond.invars.index(v) - nc]
-            return src.val if isinstance(src, Literal) else None
+        if v in cond.invars:  # a cond constant, or a carry: read what the loop was started with
+            j = cond.invars.index(v)
+            return value(outer[j] if j < nc else outer[nb + j])
         return None
 
     lo, hi = value(outer[nc + nb + k]), value(rhs)
@@ -309,11 +308,3 @@ def _keystr(keypath: tuple) -> str:
 
 def _join(outer: str, inner: str) -> str:
     return f"{outer}/{inner}" if outer and inner else outer or inner
-
-
-def _source(eqn: Any) -> str:
-    try:
-        from jax._src import source_info_util  # private, but the only way to a user frame
-        return source_info_util.summarize(eqn.source_info)
-    except Exception:
-        return ""
