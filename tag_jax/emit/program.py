@@ -1,20 +1,22 @@
 """`emit`: a strategy becomes an ordinary `jax.jit` program.
 
 The program re-evaluates the traced graph (`tag_jax.hlo.evaluate`) with a sharding constraint on each
-op result, as the op's chosen strategy produces it; arguments and results get `in_shardings` and
-`out_shardings`. GSPMD cannot be asked for an unreduced partial sum, so a partial result is left
-unconstrained when its consumers disagree, or constrained to what all of its consumers want (which
-lets XLA fuse the reduction into a reduce-scatter when they want it split).
+op result, as the op's chosen strategy produces it, and on each operand an op wants resharded (one
+constrained copy per (tensor, sharding), shared by every consumer that wants it, as the simulator
+prices one reshard per (tensor, target)); arguments and results get `in_shardings` and
+`out_shardings`. GSPMD cannot be asked for an unreduced partial sum, so a partial result is
+constrained to what it is right after its reduction: reduce-scattered towards its consumer when
+all consumers want one sharding, else all-reduced where it is made.
 
-With `constrain="operands"` an op's operand is also constrained to the sharding the op's strategy
-wants when that differs from the sharding it was produced with (one constrained copy per (tensor,
-sharding), shared by every consumer that wants it, as the simulator prices one reshard per (tensor,
-target)). Without it GSPMD picks the operand layouts of e.g. a weight-gradient `dot_general` itself
-(a partial sum and a reduce-scatter of the weight-sized gradient where the strategy gathers the
-batch-split output gradient and moves the activation with an all-to-all), so the compiled
-collectives can differ from the plan; with it they match the simulator kind by kind
-(benchmarks/FIDELITY.md). It is not the default yet: with it the toy FSDP baseline compiles to the
-plan's own (cheaper) weight-gradient collectives, not the textbook ones tests/test_emit.py expects.
+Nothing is left to GSPMD's own choice, for two reasons. Fidelity: left free, GSPMD re-plans e.g.
+every weight-gradient `dot_general` (a partial sum and a reduce-scatter of the weight-sized gradient
+where the strategy gathers the batch-split output gradient and moves the activation with an
+all-to-all), so the compiled collectives would differ from the plan (benchmarks/FIDELITY.md).
+Correctness: XLA's SPMD partitioner (GSPMD and Shardy alike, jax 0.10.2) miscompiles some choices
+it makes itself, e.g. a batched dot_general whose result it re-splits with the batch and
+contraction axes swapped, or a convolution it partitions along a window dimension of a spatially
+split operand; with every operand and result pinned it only ever moves data between the layouts
+the plan names (tests/test_emit.py holds minimal reproductions).
 """
 from __future__ import annotations
 
@@ -124,10 +126,10 @@ def check(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[O
 
 def constraints(graph: OpGraph, strategy: Strategy,
                 op_strategies: Sequence[Sequence[OpStrategy]]) -> dict[int, TensorSharding]:
-    """Which op results get a sharding constraint, and which: each result as its op produces it;
-    a partial result, when all its consumers want one non-partial sharding, as it is right after
-    its reduction on the way there (`tag_jax.cost.reshard.after_reduction`: usually what they
-    want), or none when they disagree."""
+    """The sharding constraint of every op result: as its op produces it; a partial result, when
+    all its consumers want one non-partial sharding, as it is right after its reduction on the way
+    there (`tag_jax.cost.reshard.after_reduction`: usually what they want), else all-reduced where
+    it is made (what the simulator prices: GSPMD has no partial sharding between ops)."""
     picks = chosen(graph, strategy, op_strategies)
     wanted: dict[int, set[TensorSharding]] = {}
     for op, s in zip(graph.ops, picks):
@@ -139,12 +141,17 @@ def constraints(graph: OpGraph, strategy: Strategy,
             if not ts.partial:
                 out[tid] = ts
                 continue
+            # Never left to GSPMD: given a free choice for a partial dot_general result, XLA's
+            # SPMD partitioner can miscompile (batch dims on one axis, contraction on another,
+            # result re-split with the two swapped: wrong values; tests/test_emit.py pins it).
             want = wanted.get(tid, set())
+            reduced = ts.without_partial()
             if len(want) == 1 and not next(iter(want)).partial:
                 # reduced as the simulator prices it (reduce-scatter where it can), then moved
-                reduced = after_reduction(ts, next(iter(want)))
-                if not reduced.partial:
-                    out[tid] = reduced
+                scattered = after_reduction(ts, next(iter(want)))
+                if not scattered.partial:
+                    reduced = scattered
+            out[tid] = reduced
     return out
 
 
@@ -167,13 +174,14 @@ def operand_constraints(graph: OpGraph, strategy: Strategy,
 def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
          jax_mesh: Mesh | None = None, *, donate_argnums: int | Sequence[int] = (),
          compiler_options: Mapping[str, Any] | None = None,
-         constrain: bool | str = True) -> Callable:
+         constrain: bool | str = "operands") -> Callable:
     """The jitted program of `strategy`, taking the traced function's positional arguments.
 
-    `jax_mesh` defaults to `make_mesh(strategy.mesh)` (Auto axes). `constrain=False` places only
-    the argument and result shardings (GSPMD propagates the rest): useful to tell a constraint
-    problem from a program problem. `constrain="operands"` also pins the operands each op wants
-    resharded (see the module docstring), so the program does exactly what the strategy says.
+    `jax_mesh` defaults to `make_mesh(strategy.mesh)` (Auto axes). `constrain="operands"` (the
+    default) pins op results and the operands each op wants resharded (see the module docstring),
+    so the program does exactly what the strategy says. `True` pins op results only and `False`
+    places only the argument and result shardings (GSPMD propagates the rest): debugging aids to
+    tell a constraint problem from a program problem, not for use.
     """
     if constrain not in (True, False, "operands"):
         raise EmitError(f"constrain={constrain!r}: give True (op results), False (arguments and "
