@@ -1,11 +1,14 @@
 """tag_jax vs the hand-written plans: predicted step time per zoo model and topology preset.
 
-Usage: python benchmarks/plan_quality.py [--budget 10] [--topologies 2x4-v100-25gbe,...]
+Usage: python benchmarks/plan_quality.py [--budget 10] [--ilp-time 10] [--topologies 2x4-v100-25gbe,...]
                                          [--models gpt2:small,...] [--out benchmarks/RESULTS.md]
 
 All plans are priced by the same simulator in the same run: the baselines (data parallel, FSDP,
 Megatron on every (data, model) split) are the search's seeds, so each ratio is side by side.
 Planning time is the search's wall time on this machine (tracing excluded, reported apart).
+The ILP column is the Alpa-style baseline (`tag_jax.search.ilp`) solved on each candidate mesh of
+the search (its time limit shared among them), priced by the same simulator; "ILP/tag_jax" > 1
+means the annealer's plan is faster. "ILP model s" is the ILP's own objective (no overlap).
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import time
 import tag_jax
 from tag_jax import models
 from tag_jax.cost.simulate import USABLE_MEMORY
+from tag_jax import rules
+from tag_jax.search.anneal import candidate_meshes
+from tag_jax.search.ilp import ilp_strategy
 from tag_jax.search.planner import PlanningError, search
 
 TOPOLOGIES = "1x8-a100-nvlink,2x4-v100-25gbe,tag-hetero,4xa100-4xv100,tpu-v4-2x2x2"
@@ -27,16 +33,38 @@ def best_of(seeds: dict, kind: str) -> float:
     return min(values) if values else math.nan
 
 
+def ilp_best(graph, topo, ids, time_limit_s: float, memory_limit: float) -> dict | None:
+    """The ILP on every candidate mesh (Alpa enumerates mesh shapes too); the best simulated plan."""
+    meshes = candidate_meshes(ids, topo)
+    best, solve_s = None, 0.0
+    for mesh in meshes:
+        try:
+            _, info = ilp_strategy(graph, rules.for_graph(graph, mesh.axes), topo, mesh,
+                                   time_limit_s=time_limit_s / len(meshes), memory_limit=memory_limit)
+        except PlanningError:
+            continue
+        solve_s += info["seconds"]
+        if best is None or info["step_time_s"] < best["step_time_s"]:
+            best = dict(info, mesh=mesh)
+    if best is not None:
+        best["all_s"] = solve_s
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=10.0, help="search time budget per case, s")
+    ap.add_argument("--ilp-time", type=float, default=None,
+                    help="ILP time limit per case, shared by the meshes, s (default: --budget)")
     ap.add_argument("--topologies", default=TOPOLOGIES)
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     header = ("| model | topology | tag_jax s | DP s | FSDP s | Megatron s | vs DP | vs best baseline | "
-              "mesh | peak GiB | trace s | plan s |")
-    lines = [header, "|" + "---|" * 12]
+              "mesh | peak GiB | trace s | plan s | ILP s | ILP/tag_jax | ILP model s | ILP mesh | ILP status | "
+              "ILP solve s |")
+    lines = [header, "|" + "---|" * 18]
+    ilp_time = args.budget if args.ilp_time is None else args.ilp_time
     print(header, flush=True)
     ratios: dict[str, list[float]] = {}
     for case in args.models.split(","):
@@ -53,7 +81,7 @@ def main() -> None:
             try:
                 r = search(graph, topo, ids, time_budget_s=args.budget, memory_limit=limit)
             except PlanningError as exc:
-                line = f"| {name}-{size} | {topo_name} | no plan fits: {str(exc)[:80]}… |" + " |" * 9
+                line = f"| {name}-{size} | {topo_name} | no plan fits: {str(exc)[:80]}… |" + " |" * 15
                 lines.append(line)
                 print(line, flush=True)
                 continue
@@ -66,6 +94,13 @@ def main() -> None:
             line = (f"| {name}-{size} | {topo_name} | {ours:.4f} | {dp:.4f} | {fsdp:.4f} | {meg:.4f} | "
                     f"{dp / ours:.2f}x | {best_base / ours:.2f}x | {mesh} | "
                     f"{r.cost.peak_memory_bytes / 2**30:.2f} | {trace_s:.2f} | {plan_s:.1f} |")
+            ilp = ilp_best(graph, topo, ids, ilp_time, limit)
+            if ilp is None:
+                line += " no ILP plan fits | | | | | |"
+            else:
+                ilp_mesh = ",".join(f"{a}={n}" for a, n in ilp["mesh"].axes.items())
+                line += (f" {ilp['step_time_s']:.4f} | {ilp['step_time_s'] / ours:.2f}x | "
+                         f"{ilp['objective_s']:.4f} | {ilp_mesh} | {ilp['status']} | {ilp['all_s']:.1f} |")
             lines.append(line)
             print(line, flush=True)
     summary = ["", "Geometric-mean speed-up over data parallel (DP times include plans that do not "
@@ -77,7 +112,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Plan quality: predicted step time, tag_jax vs hand-written plans\n\nCommand: "
-                    f"`python benchmarks/plan_quality.py --budget {args.budget} --out {args.out}` "
+                    f"`python benchmarks/plan_quality.py --budget {args.budget} --ilp-time {ilp_time} "
+                    f"--out {args.out}` "
                     "(8 devices of each preset; simulator prices; 2-core machine)\n\n")
             f.write("\n".join(lines + summary) + "\n")
 

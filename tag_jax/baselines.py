@@ -264,3 +264,39 @@ def megatron(fn: Callable, mesh: Mesh, topology: Any = None, *,
              compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
     """Megatron-LM 2-D: batch over `data`, column/row-parallel weights over `model`."""
     return _baseline("megatron", fn, mesh, topology, donate_argnums, compiler_options)
+
+
+# ---- the Alpa-style ILP -------------------------------------------------------------------------
+
+def _ilp_planner(mesh: Mesh, topology: Any, time_limit_s: float,
+                 memory_limit: float | None) -> Callable[[OpGraph], Plan]:
+    from tag_jax.emit.mesh import make_mesh, mesh_spec
+
+    spec = mesh_spec(mesh)
+    if topology is None:
+        from tag_jax.topology import Topology
+
+        topology = Topology.detect()
+    check_topology(topology, spec)
+
+    def plan(graph: OpGraph) -> Plan:
+        from tag_jax import rules
+        from tag_jax.search.ilp import ilp_strategy
+
+        op_strategies = rules.for_graph(graph, spec.axes)
+        strategy, info = ilp_strategy(graph, op_strategies, topology, spec,
+                                      time_limit_s=time_limit_s, memory_limit=memory_limit)
+        return Plan.build(graph, strategy, op_strategies, topology, jax_mesh=make_mesh(spec),
+                          cost=info["cost"])
+
+    return plan
+
+
+def ilp(fn: Callable, mesh: Mesh, topology: Any = None, *, time_limit_s: float = 30.0,
+        memory_limit: float | None = None, donate_argnums: int | Sequence[int] = (),
+        compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
+    """Alpa-style ILP over the planner's strategy space on `mesh` as given
+    (`tag_jax.search.ilp`): exact within `time_limit_s`, else the best solution found by then.
+    Not in `BASELINES`: its argument shardings come from the solver, not from a rule."""
+    return ShardedFunction(fn, _ilp_planner(mesh, topology, time_limit_s, memory_limit),
+                           donate_argnums=donate_argnums, compiler_options=compiler_options)
