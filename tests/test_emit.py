@@ -393,3 +393,34 @@ def test_data_parallel_and_fsdp_compile_to_the_predicted_collectives():
     # ZeRO-3: every weight is gathered where it is used; the metrics are all-reduced
     assert kinds["fsdp"]["all-gather"] >= grads
     assert kinds["fsdp"]["all-reduce"] == 8
+
+
+def test_batched_dot_with_swapped_axes_is_emitted_correctly():
+    """A strategy that XLA's SPMD partitioner miscompiles when left to choose the layout of a
+    partial batched dot_general itself (jax 0.10.2, GSPMD and Shardy alike): operands split
+    (batch over y, contraction over x), the consumer wants (batch over x, rows over y).
+    Emission pins the partial result where it is reduced, so the values are right."""
+    import jax.numpy as jnp
+
+    from tag_jax import rules
+    from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
+
+    def f(a, b):
+        return jnp.sin(jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,)))))
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+    graph = tag_jax.trace(f, a, b)
+    mesh = MeshSpec((2, 4), ("x", "y"), tuple(range(8)))
+    ops = rules.for_graph(graph, mesh.axes)
+    operand = TensorSharding((("y",), ("x",), ()))
+    wanted = TensorSharding((("x",), ("y",), ()))
+    dot, sin = graph.ops
+    pick_dot = next(k for k, s in enumerate(ops[0]) if s.inputs == (operand, operand))
+    pick_sin = next(k for k, s in enumerate(ops[1]) if s.inputs == (wanted,))
+    assert ops[0][pick_dot].outputs[0].partial == ("x",)
+    strategy = Strategy(mesh, (pick_dot, pick_sin), (operand, operand), name="swapped")
+    got = emit(graph, strategy, ops)(a, b)
+    np.testing.assert_allclose(np.asarray(got), np.sin(np.einsum("bkm,bkn->bmn", a, b)),
+                               rtol=1e-5, atol=1e-5)

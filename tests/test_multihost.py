@@ -1,0 +1,93 @@
+"""Two processes x 4 CPU devices, one `jax.distributed` job on 127.0.0.1 (tests/multihost_worker.py).
+
+Each process plans the toy MLP step itself. Checked: with no search time (time_budget_s=0: the
+seeds, or the policy's plan, and no clock-bounded search) both processes make the identical plan;
+the plan of process 0, broadcast and reloaded everywhere, runs one training step whose results span
+both processes' devices and equal the unsharded single-process step. Whether the processes' own
+searched plans agree is recorded as an expected failure: the search is bounded by wall-clock time,
+so busy processes try different numbers of moves.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tag_jax import models
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+PROCESSES = 2
+BUDGET_S = "0.5"
+TIMEOUT_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Run the job once; the tests below read what each process wrote."""
+    out = tmp_path_factory.mktemp("multihost")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices: not here
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(PROCESSES), port, str(out),
+                               BUDGET_S], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(PROCESSES)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the {PROCESSES}-process job did not finish in {TIMEOUT_S} s")
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    return out
+
+
+def _plans(job, kind):
+    return [json.loads((job / f"plan_{kind}_{i}.json").read_text()) for i in range(PROCESSES)]
+
+
+def test_processes_plan_identically_without_search_time(job):
+    plans = _plans(job, "seeds")
+    assert all(p == plans[0] for p in plans[1:])
+    assert sorted(plans[0]["mesh"]["device_ids"]) == list(range(8))  # both processes' devices
+
+
+@pytest.mark.xfail(strict=False, reason="auto_shard's search is bounded by wall-clock time "
+                   "(search/anneal.py: `while time.perf_counter() < deadline`), so processes "
+                   "under different load can end on different plans")
+def test_processes_plan_identically_with_a_search_budget(job):
+    plans = _plans(job, "searched")
+    assert all(p == plans[0] for p in plans[1:])
+
+
+def test_every_process_runs_the_plan_of_process_0(job):
+    searched = _plans(job, "searched")[0]
+    assert all(p == searched for p in _plans(job, "agreed"))
+
+
+def test_sharded_step_across_processes_equals_unsharded(job):
+    results = [dict(np.load(job / f"result_{i}.npz")) for i in range(PROCESSES)]
+    assert all(int((job / f"spanning_{i}.txt").read_text()) > 0 for i in range(PROCESSES))
+    ex = models.get("mlp", "toy", optimizer="sgd")
+    state, batch = ex.init(jax.random.key(0))
+    reference = jax.jit(ex.step)(state, batch)  # one process, one device, no sharding
+    leaves = jax.tree_util.tree_leaves_with_path(reference)
+    for got in results:
+        assert set(got) == {jax.tree_util.keystr(p) for p, _ in leaves}
+        for path, want in leaves:
+            np.testing.assert_allclose(got[jax.tree_util.keystr(path)], np.asarray(want),
+                                       rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(results[0]["[1]['loss']"], results[1]["[1]['loss']"])
