@@ -50,3 +50,62 @@ def test_memory_limit_that_nothing_fits_names_the_largest_tensor():
 def test_empty_device_list_is_refused():
     with pytest.raises(ValueError, match="no devices to plan for"):
         tag_jax.auto_shard(lambda x: x, [], topology=TOPO)
+
+
+def test_indivisible_shapes_plan_and_run():
+    """Dimensions no mesh axis divides (7 rows, 5 features on 8 devices) are never split; the plan
+    still runs and gives the unsharded values."""
+    import jax.numpy as jnp
+
+    def f(w, x):
+        return jnp.tanh(x @ w).sum(axis=0), x.T @ x
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+    step = tag_jax.auto_shard(f, _mesh(), topology=TOPO, time_budget_s=0.5)
+    plan = step.plan(w, x)
+    for a in plan.arguments:
+        for n, axes in zip(a.shape, a.sharding.dims):
+            assert not axes or n % 8 == 0
+    for got, want in zip(step(w, x), jax.jit(f)(w, x)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_non_array_outputs_are_refused_with_the_output_named():
+    import jax.numpy as jnp
+
+    step = tag_jax.auto_shard(lambda x: (jnp.sin(x), "done"), _mesh(), topology=TOPO, time_budget_s=0.2)
+    with pytest.raises(tag_jax.TraceError, match=r"<class 'str'> at output component \[1\].*returns arrays"):
+        step.plan(jnp.ones((8, 4)))
+
+
+def test_side_effect_callbacks_are_refused_naming_the_primitive():
+    import jax.numpy as jnp
+    from jax.experimental import io_callback
+
+    def noisy(x):
+        io_callback(print, None, x)  # a side effect: it cannot be planned across devices
+        return jnp.sin(x)
+
+    step = tag_jax.auto_shard(noisy, _mesh(), topology=TOPO, time_budget_s=0.2)
+    with pytest.raises(tag_jax.TraceError, match=r"io_callback.*side effect"):
+        step.plan(jnp.ones((8, 4)))
+
+
+def test_python_side_effects_run_once_per_plan_not_per_call():
+    """Python code in the function runs when it is traced (once per input signature), as under
+    jax.jit; the sharded program does not re-run it."""
+    import jax.numpy as jnp
+
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return jnp.sin(x) * 2
+
+    step = tag_jax.auto_shard(f, _mesh(), topology=TOPO, time_budget_s=0.2)
+    x = jnp.ones((8, 4))
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(step(x)), np.sin(np.ones((8, 4))) * 2, rtol=1e-6)
+    assert len(calls) == 1

@@ -16,7 +16,7 @@ from tag_jax.strategy import MeshSpec
 FAST = models.fast_compile_options()
 MESHES = {"1d": MeshSpec((8,), ("d",), tuple(range(8))), "2x4": MeshSpec((2, 4), ("x", "y"), tuple(range(8)))}
 SMALLER = {"recommender": {"rows": (64, 128, 256, 512)}}
-MODELS = ("mlp", "vgg", "recommender")
+MODELS = ("mlp", "vgg", "recommender", "gpt2")
 _CACHE = {}
 
 
@@ -37,10 +37,7 @@ def test_input_sharding_options_are_valid_and_complete():
                                       "P(None, x)", "P(y, x)"}
 
 
-@pytest.mark.parametrize("mesh_kind", [
-    "1d", pytest.param("2x4", marks=pytest.mark.xfail(strict=False, reason=(
-        "open bug: random strategies on the 2-D mesh sometimes give a step that differs from the "
-        "unsharded one (see benchmarks/EQUIVALENCE.md); remove this mark when fixed")))])
+@pytest.mark.parametrize("mesh_kind", ["1d", "2x4"])
 @pytest.mark.parametrize("name", MODELS)
 def test_random_strategies_match_unsharded(name, mesh_kind):
     ex, state, batch, ref, graph = example(name)

@@ -61,7 +61,11 @@ def trace(fn: Callable, *args: Any, static_argnums: Sequence[int] | int = (),
     except TraceError:
         raise
     except Exception as exc:  # surface what JAX said, with which function it was
-        raise TraceError(f"tracing {name} failed: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if "not a valid JAX type" in str(exc):
+            hint = ("; a planned function takes and returns arrays (pytrees of arrays): pass other "
+                    "arguments via static_argnums and compute non-array results outside it")
+        raise TraceError(f"tracing {name} failed: {type(exc).__name__}: {exc}{hint}") from exc
 
     arg_names = _argument_names(fn, len(args))
     dyn = tuple(a for i, a in enumerate(args) if i not in static_argnums)
