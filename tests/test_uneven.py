@@ -1,0 +1,198 @@
+"""Uneven plans: groups, the shares MILP, exactness of the split step, fidelity, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tag_jax
+from tag_jax import uneven
+from tag_jax.hlo import collective_bytes_by_kind, collectives
+from tag_jax.uneven import GroupModel, SharesError, solve_shares
+from tag_jax.uneven.plan import GroupShare, UnevenPlan
+
+
+def _loss(params, batch):
+    h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    logits = h @ params["w2"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).mean()}
+
+
+def _problem(n=40):
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"w1": jax.random.normal(k[0], (16, 32)) * 0.3, "b1": jnp.zeros(32),
+              "w2": jax.random.normal(k[1], (32, 8)) * 0.3}
+    batch = {"x": np.asarray(jax.random.normal(k[2], (n, 16))),
+             "y": np.asarray(jax.random.randint(k[3], (n,), 0, 8))}
+    tx = optax.sgd(0.1)
+    return uneven.split_step(_loss, tx, has_aux=True), uneven.init_state(params, tx), batch
+
+
+def _plan(groups, shares, n):
+    return UnevenPlan(tuple(GroupShare(g, k, 0.0, 0.0, 0) for g, k in zip(groups, shares)), n,
+                      0.0, 0, 0.0)
+
+
+CPU_GROUPS = {"6+2": ((0, 1, 2, 3, 4, 5), (6, 7), (24, 16)),
+              "4+4": ((0, 1, 2, 3), (4, 5, 6, 7), (32, 8))}
+
+
+@pytest.mark.parametrize("case", sorted(CPU_GROUPS))
+def test_split_step_equals_unsplit_step(case):
+    a, b, shares = CPU_GROUPS[case]
+    step, state, batch = _problem(sum(shares))
+    groups = (uneven.Group("a", "cpu", a), uneven.Group("b", "cpu", b))
+    program = uneven.UnevenProgram(step, _plan(groups, shares, sum(shares)))
+    new, metrics = program(program.shard_state(state), batch)
+    ref, ref_metrics = jax.jit(step.reference)(state, batch)
+    for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    assert int(new["step"]) == 1
+    # the parameters did move: the test compares an update, not two copies of the input
+    assert not np.allclose(np.asarray(new["params"]["w1"]), np.asarray(state["params"]["w1"]))
+    # a second step from the split state stays equal too (the state is reused in place)
+    new2, _ = program(new, batch)
+    ref2, _ = jax.jit(step.reference)(ref, batch)
+    np.testing.assert_allclose(np.asarray(new2["params"]["w2"]), np.asarray(ref2["params"]["w2"]),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_collectives_match_prediction_per_program():
+    step, state, batch = _problem(40)
+    topo = tag_jax.Topology.detect()
+    groups = (uneven.Group("a", "cpu", (0, 1, 2, 3, 4, 5)), uneven.Group("b", "cpu", (6, 7)))
+    plan = uneven.plan_uneven(step, state, batch, topo, groups=groups)
+    assert plan.shares[0] % 6 == 0 and plan.shares[1] % 2 == 0 and sum(plan.shares) == 40
+    program = uneven.UnevenProgram(step, plan)
+    predicted = program.predicted_collectives()
+    compiled = program.compiled(state, batch)
+    assert set(compiled) == set(predicted) == {"group a", "group b", "combine", "apply"}
+    grads_bytes = 4 * (16 * 32 + 32 + 32 * 8 + 2)  # gradients and the two metrics, float32
+    assert predicted["combine"] == {"all-reduce": grads_bytes}
+    for name, c in compiled.items():
+        real = {k: v for k, v in collective_bytes_by_kind(collectives(c)).items() if v}
+        assert real == predicted[name], name
+
+
+def test_shares_two_groups_closed_form():
+    # t_1 = n_1 * 1 ms, t_2 = n_2 * 3 ms, n_1 + n_2 = 64: balanced at n_1 = 48, n_2 = 16 (T = 48 ms)
+    sol = solve_shares([GroupModel("fast", 0.0, 1e-3), GroupModel("slow", 0.0, 3e-3)], 64)
+    assert sol.shares == (48, 16)
+    assert sol.step_s == pytest.approx(0.048)
+    np.testing.assert_allclose(sol.relaxed, (48, 16))
+    # with fixed costs a_g: n_1 = (N b_2 + a_2 - a_1) / (b_1 + b_2); shares multiples of 4 and 2
+    sol = solve_shares([GroupModel("a", 0.004, 1e-3, 4), GroupModel("b", 0.0, 1e-3, 2)], 40)
+    assert sol.relaxed[0] == pytest.approx(18.0)  # (40 * 1 + 0 - 4) / 2
+    assert sol.shares in ((16, 24), (20, 20))
+    assert sol.step_s == pytest.approx(0.024)
+    # the integral optimum: no other split into these multiples is faster
+    best = min(max(0.004 + 1e-3 * a, 1e-3 * (40 - a)) for a in range(4, 40, 4))
+    assert sol.step_s == pytest.approx(best)
+
+
+def test_shares_respect_memory_bound():
+    sol = solve_shares([GroupModel("fast", 0.0, 1e-3, 1, max_share=10), GroupModel("slow", 0.0, 3e-3)], 64)
+    assert sol.shares == (10, 54)
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("tag-hetero", [("v100@node0", (0, 1)), ("1080ti@node1", (2, 3, 4, 5)), ("p100@node2", (6, 7))]),
+    ("4xa100-4xv100", [("a100@node0", (0, 1, 2, 3)), ("v100@node1", (4, 5, 6, 7))]),
+    ("2x4-v100-25gbe", [("v100@node0", (0, 1, 2, 3)), ("v100@node1", (4, 5, 6, 7))]),
+])
+def test_groups_on_presets(preset, expected):
+    topo = tag_jax.Topology.preset(preset)
+    got = [(g.name, g.device_ids) for g in uneven.device_groups(topo)]
+    assert got == expected
+    if preset == "2x4-v100-25gbe":
+        (one,) = uneven.device_groups(topo, by="kind")
+        assert one.device_ids == tuple(range(8))
+
+
+def test_uneven_plan_on_hetero_gives_fast_devices_more():
+    step, state, batch = _problem(64)
+    topo = tag_jax.Topology.preset("4xa100-4xv100")
+    plan = uneven.plan_uneven(step, state, batch, topo, leave_out=False)
+    (a100, v100) = plan.groups
+    assert a100.group.kind == "a100" and a100.share >= v100.share and sum(plan.shares) == 64
+    assert plan.step_time_s == pytest.approx(plan.groups_s + plan.combine_s + plan.apply_s)
+    assert min(g.idle_s for g in plan.groups) == 0.0
+    text = plan.summary()
+    assert "a100@node0" in text and "idle" in text and str(a100.share) in text
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(SharesError, match=r"global batch 3 is smaller .*\(2 \+ 2 = 4\)"):
+        solve_shares([GroupModel("a", 0, 1e-3, 2), GroupModel("b", 0, 1e-3, 2)], 3)
+    with pytest.raises(SharesError, match="no integral split of the global batch 7"):
+        solve_shares([GroupModel("a", 0, 1e-3, 2), GroupModel("b", 0, 1e-3, 4)], 7)
+    step, state, batch = _problem(1)
+    topo = tag_jax.Topology.preset("4xa100-4xv100")
+    with pytest.raises(SharesError, match="global batch 1 is smaller"):
+        uneven.plan_uneven(step, state, batch, topo, leave_out=False)
+    with pytest.raises(ValueError, match="device 3 is in groups 'a' and 'b'"):
+        uneven.check_groups([uneven.Group("a", "cpu", (0, 3)), uneven.Group("b", "cpu", (3,))])
+    with pytest.raises(uneven.UnevenError, match="disagree on the number of examples"):
+        uneven.plan_uneven(step, state, {"x": np.zeros((4, 16)), "y": np.zeros((2,), np.int32)}, topo)
+    step, state, batch = _problem(40)
+    groups = (uneven.Group("a", "cpu", (0, 1, 2, 3, 4, 5)), uneven.Group("b", "cpu", (6, 7)))
+    program = uneven.UnevenProgram(step, _plan(groups, (24, 16), 40))
+    with pytest.raises(uneven.UnevenError, match="splits a batch of 40 examples"):
+        program(state, {"x": batch["x"][:20], "y": batch["y"][:20]})
+
+
+# ---- the same plan under jax.distributed: 2 processes x 4 CPU devices, a group spanning both ----
+
+def test_split_step_under_jax_distributed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), port, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the 2-process uneven job did not finish in 120 s")
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-3000:]}"
+    step, state, batch = _problem(40)
+    ref, _ = jax.jit(step.reference)(state, batch)
+    for i in range(2):
+        got = np.load(tmp_path / f"params_{i}.npz")
+        for name, value in ref["params"].items():
+            np.testing.assert_allclose(got[name], np.asarray(value), rtol=1e-5, atol=1e-7)
+
+
+def _worker(process_id: str, port: str, out: str) -> None:
+    import os
+
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=int(process_id), initialization_timeout=60)
+    try:
+        step, state, batch = _problem(40)
+        groups = (uneven.Group("a", "cpu", (0, 1, 2, 3, 4, 5)), uneven.Group("b", "cpu", (6, 7)))
+        program = uneven.UnevenProgram(step, _plan(groups, (24, 16), 40))
+        new, _ = program(program.shard_state(state), batch)
+        local = {k: np.asarray(v.addressable_shards[0].data) for k, v in new["params"].items()}
+        np.savez(os.path.join(out, f"params_{process_id}.npz"), **local)
+    finally:
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker(*sys.argv[1:])
