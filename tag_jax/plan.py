@@ -76,6 +76,10 @@ class Plan:
     graph: OpGraph | None = dataclasses.field(default=None, repr=False)
     op_strategies: tuple[tuple[OpStrategy, ...], ...] | None = dataclasses.field(default=None, repr=False)
     topology: Any = dataclasses.field(default=None, repr=False)
+    # per-gradient compression (tag_jax.search.compression.CompressionChoice), and the same plan's
+    # cost without it
+    compression: tuple = ()
+    uncompressed_cost: Any | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         axes = ", ".join(f"{n}={k}" for n, k in self.strategy.mesh.axes.items())
@@ -85,7 +89,8 @@ class Plan:
     # ---- making and running ----------------------------------------------------------------
     @classmethod
     def build(cls, graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
-              topology: Any = None, *, jax_mesh: Mesh | None = None, cost: Any = "simulate") -> "Plan":
+              topology: Any = None, *, jax_mesh: Mesh | None = None, cost: Any = "simulate",
+              compression: Sequence[Any] = (), uncompressed_cost: Any = None) -> "Plan":
         """Check the strategy against the graph and mesh, predict its cost, make the shardings.
 
         `cost="simulate"` runs `tag_jax.cost.Simulator` when a topology is given (None if the
@@ -104,7 +109,8 @@ class Plan:
             raise ValueError(f"{graph.name} was traced with keyword arguments {sorted(kwargs)}; "
                              "plans take positional arguments only")
         if isinstance(cost, str) and cost == "simulate":
-            cost = simulate(graph, op_strategies, topology, strategy) if topology is not None else None
+            cost = (simulate(graph, op_strategies, topology, strategy, tuple(compression))
+                    if topology is not None else None)
         arguments = tuple(
             Argument(graph.tensors[t].path or f"arg{k}", graph.tensors[t].shape,
                      graph.tensors[t].dtype.name, str(graph.tensors[t].role), ts)
@@ -113,7 +119,8 @@ class Plan:
                    out_shardings=jax.tree_util.tree_unflatten(graph.out_tree, out_flat), cost=cost,
                    arguments=arguments, function=graph.name, fingerprint=graph_fingerprint(graph),
                    topology_fingerprint=None if topology is None else topology.fingerprint(),
-                   graph=graph, op_strategies=op_strategies, topology=topology)
+                   graph=graph, op_strategies=op_strategies, topology=topology,
+                   compression=tuple(compression), uncompressed_cost=uncompressed_cost)
 
     def jit(self, *, donate_argnums: int | Sequence[int] = (),
             compiler_options: Mapping[str, Any] | None = None, constrain: bool | str = "operands") -> Callable:
@@ -123,7 +130,7 @@ class Plan:
         self._need_graph("jit")
         return emit(self.graph, self.strategy, self.op_strategies, self.mesh,
                     donate_argnums=donate_argnums, compiler_options=compiler_options,
-                    constrain=constrain)
+                    constrain=constrain, compression=self.compression)
 
     def shard_args(self, *args: Any) -> Any:
         """`jax.device_put` the arguments onto the plan's input shardings.
@@ -167,7 +174,29 @@ class Plan:
                 f"  predicted: step {_seconds(c.step_time_s)} (compute {_seconds(c.compute_s)}, "
                 f"communication {_seconds(c.comm_s)}), {_bytes(c.comm_bytes)} sent per device, "
                 f"peak memory {_bytes(c.peak_memory_bytes)} per device")
+        lines.extend(self._compression_lines())
         return "\n".join(lines)
+
+    def _compression_lines(self) -> list[str]:
+        """The per-gradient compression table (method, bytes saved per device)."""
+        if not self.compression:
+            return ["  compression: none"]
+        u = self.uncompressed_cost
+        head = f"  compression: {len(self.compression)} gradient(s)"
+        if u is not None and self.cost is not None:
+            head += (f", step {_seconds(self.cost.step_time_s)} vs {_seconds(u.step_time_s)} without "
+                     f"({u.step_time_s / self.cost.step_time_s:.2f}x)")
+        if any(not c.exact for c in self.compression):
+            head += "; LOSSY methods chosen (compression='lossy'), their saving is an estimate"
+        wg = max(len("gradient"), *(len(c.gradient) for c in self.compression))
+        wm = max(len("method"), *(len(c.method) for c in self.compression))
+        rows = [head, f"    {'gradient':<{wg}}  {'method':<{wm}}  {'bytes saved/device':>18}"]
+        for c in self.compression:
+            saved = _bytes(c.bytes_saved) if c.bytes_saved >= 0 else "-" + _bytes(-c.bytes_saved)
+            rows.append(f"    {c.gradient:<{wg}}  {c.method:<{wm}}  {saved:>18}")
+        total = sum(c.bytes_saved for c in self.compression)
+        rows.append(f"    {'total':<{wg}}  {'':<{wm}}  {_bytes(max(total, 0)):>18}")
+        return rows
 
     # ---- saving ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -185,6 +214,9 @@ class Plan:
             "arguments": [{"path": a.path, "shape": list(a.shape), "dtype": a.dtype, "role": a.role,
                            "sharding": _ts_to_json(a.sharding)} for a in self.arguments],
             "cost": None if self.cost is None else {f: float(getattr(self.cost, f)) for f in _COST_FIELDS},
+            "compression": [c.to_dict() for c in self.compression],
+            "uncompressed_cost": None if self.uncompressed_cost is None else
+            {f: float(getattr(self.uncompressed_cost, f)) for f in _COST_FIELDS},
         }
 
     def save(self, path: str) -> None:
@@ -228,6 +260,10 @@ class Plan:
                         tuple(d["mesh"]["device_ids"]))
         shardings = tuple(_ts_from_json(a["sharding"]) for a in d["arguments"])
         strategy = Strategy(spec, tuple(d["choices"]), shardings, d["strategy"])
+        from tag_jax.search.compression import CompressionChoice
+
+        compression = tuple(CompressionChoice.from_dict(c) for c in d.get("compression") or ())
+        uncompressed = _saved_cost(d.get("uncompressed_cost"))
         if graph is None:
             from tag_jax.emit import make_mesh
 
@@ -239,14 +275,16 @@ class Plan:
                                      for a in arguments},
                        out_shardings=None, cost=_saved_cost(d["cost"]), arguments=arguments,
                        function=d["function"], fingerprint=d["graph_fingerprint"],
-                       topology_fingerprint=d["topology_fingerprint"], topology=topology)
+                       topology_fingerprint=d["topology_fingerprint"], topology=topology,
+                       compression=compression, uncompressed_cost=uncompressed)
         from tag_jax import rules
 
         op_strategies = rules.for_graph(graph, spec.axes)
         strategy = dataclasses.replace(strategy, choices=_match_choices(
             graph, op_strategies, strategy.choices, d.get("choice_names"), path))
         cost = _saved_cost(d["cost"]) if topology is None else "simulate"
-        return cls.build(graph, strategy, op_strategies, topology, cost=cost)
+        return cls.build(graph, strategy, op_strategies, topology, cost=cost, compression=compression,
+                         uncompressed_cost=uncompressed)
 
     def _need_graph(self, what: str) -> None:
         if self.graph is None:
@@ -254,13 +292,20 @@ class Plan:
                              "Plan.load(path, fn, *example_args)")
 
 
-def simulate(graph: OpGraph, op_strategies, topology, strategy: Strategy) -> Any | None:
+def simulate(graph: OpGraph, op_strategies, topology, strategy: Strategy,
+             compression: Sequence[Any] = ()) -> Any | None:
     """The simulator's Cost of a strategy in its steady state: updated state is priced back to the
-    layout it came in with (as the planner prices its candidates, so costs compare)."""
+    layout it came in with (as the planner prices its candidates, so costs compare). Compression the
+    simulator cannot express (row-sparse collectives, lossy psums) is priced by
+    `tag_jax.search.compression.compressed_cost`."""
     from tag_jax.cost import Simulator
     from tag_jax.search.propagate import carried_outputs
 
     sim = Simulator(graph, op_strategies, topology, strategy.mesh, carried=carried_outputs(graph))
+    if compression:
+        from tag_jax.search.compression import compressed_cost
+
+        return compressed_cost(graph, op_strategies, sim, strategy, compression)
     return sim.cost(strategy)
 
 

@@ -5,10 +5,11 @@ op result, as the op's chosen strategy produces it, and on each operand an op wa
 constrained copy per (tensor, sharding), shared by every consumer that wants it, as the simulator
 prices one reshard per (tensor, target)); arguments and results get `in_shardings` and
 `out_shardings`. GSPMD cannot be asked for an unreduced partial sum, so a partial result is
-constrained to what it is right after its reduction: reduce-scattered towards its consumer when
-all consumers want one sharding, else all-reduced where it is made.
+constrained to what it is right after its reduction (reduce-scattered towards its consumer) when
+all consumers want one sharding; otherwise XLA reduces it where it is made, as the simulator
+prices it (a partial batched dot_general is all-reduced there: see below).
 
-Nothing is left to GSPMD's own choice, for two reasons. Fidelity: left free, GSPMD re-plans e.g.
+Layouts are not left to GSPMD's own choice, for two reasons. Fidelity: left free, GSPMD re-plans e.g.
 every weight-gradient `dot_general` (a partial sum and a reduce-scatter of the weight-sized gradient
 where the strategy gathers the batch-split output gradient and moves the activation with an
 all-to-all), so the compiled collectives would differ from the plan (benchmarks/FIDELITY.md).
@@ -141,18 +142,27 @@ def constraints(graph: OpGraph, strategy: Strategy,
             if not ts.partial:
                 out[tid] = ts
                 continue
-            # Never left to GSPMD: given a free choice for a partial dot_general result, XLA's
-            # SPMD partitioner can miscompile (batch dims on one axis, contraction on another,
-            # result re-split with the two swapped: wrong values; tests/test_emit.py pins it).
             want = wanted.get(tid, set())
-            reduced = ts.without_partial()
             if len(want) == 1 and not next(iter(want)).partial:
                 # reduced as the simulator prices it (reduce-scatter where it can), then moved
-                scattered = after_reduction(ts, next(iter(want)))
-                if not scattered.partial:
-                    reduced = scattered
-            out[tid] = reduced
+                reduced = after_reduction(ts, next(iter(want)))
+                if not reduced.partial:
+                    out[tid] = reduced
+            elif _batched_dot(op):
+                # Left free, XLA's SPMD partitioner can miscompile a partial batched dot_general
+                # (batch dims on one axis, contraction on another, result re-split with the two
+                # swapped: wrong values; tests/test_emit.py): reduce it where it is made.
+                out[tid] = ts.without_partial()
+            # else: consumers disagree or carry the partial sum on; XLA reduces it where it is
+            # made, towards what they want (the simulator prices the same, cost/simulate.py)
     return out
+
+
+def _batched_dot(op) -> bool:
+    if op.primitive != "dot_general":
+        return False
+    (_, _), (lhs_batch, _) = op.eqn.params["dimension_numbers"]
+    return bool(lhs_batch)
 
 
 def operand_constraints(graph: OpGraph, strategy: Strategy,
@@ -174,7 +184,7 @@ def operand_constraints(graph: OpGraph, strategy: Strategy,
 def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[OpStrategy]],
          jax_mesh: Mesh | None = None, *, donate_argnums: int | Sequence[int] = (),
          compiler_options: Mapping[str, Any] | None = None,
-         constrain: bool | str = "operands") -> Callable:
+         constrain: bool | str = "operands", compression: Sequence[Any] = ()) -> Callable:
     """The jitted program of `strategy`, taking the traced function's positional arguments.
 
     `jax_mesh` defaults to `make_mesh(strategy.mesh)` (Auto axes). `constrain="operands"` (the
@@ -182,6 +192,8 @@ def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[Op
     so the program does exactly what the strategy says. `True` pins op results only and `False`
     places only the argument and result shardings (GSPMD propagates the rest): debugging aids to
     tell a constraint problem from a program problem, not for use.
+    `compression`: the plan's `tag_jax.search.compression.CompressionChoice`s; row-sparse and lossy
+    ones replace their source ops (`tag_jax.emit.compressed`), SFB is in the strategy already.
     """
     if constrain not in (True, False, "operands"):
         raise EmitError(f"constrain={constrain!r}: give True (op results), False (arguments and "
@@ -210,6 +222,12 @@ def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[Op
     operand_marks = ({k: NamedSharding(mesh, ts.to_partition_spec())
                       for k, ts in operand_constraints(graph, strategy, op_strategies).items()}
                      if constrain == "operands" else {})
+    replaced: dict = {}
+    if compression:
+        from tag_jax.emit.compressed import replacements
+
+        replaced, as_made = replacements(graph, strategy, op_strategies, mesh, compression)
+        operand_marks = {k: v for k, v in operand_marks.items() if k[0] not in as_made}
 
     def hook(tid: int, value: Any) -> Any:
         sharding = marks.get(tid)
@@ -231,8 +249,12 @@ def emit(graph: OpGraph, strategy: Strategy, op_strategies: Sequence[Sequence[Op
                 copies[key] = (value, jax.lax.with_sharding_constraint(value, sharding))
             return copies[key][1]
 
-        return jax.tree_util.tree_unflatten(graph.out_tree, evaluate(graph, flat, hook, on_operand=operand))
+        return jax.tree_util.tree_unflatten(graph.out_tree, evaluate(graph, flat, hook, on_operand=operand,
+                                                                   on_op=on_op if replaced else None))
 
+    def on_op(op: Any, invals: list) -> list | None:
+        fn = replaced.get(op.id)
+        return None if fn is None else fn(invals)
 
     run.__name__ = run.__qualname__ = graph.name
     return jax.jit(run, in_shardings=tuple(args_shardings), out_shardings=out_shardings,

@@ -15,12 +15,15 @@ from tag_jax.hlo.graph import OpGraph
 
 def evaluate(graph: OpGraph, flat_args: Sequence[Any],
              on_tensor: Callable[[int, Any], Any] | None = None, *,
-             on_operand: Callable[[int, int, Any], Any] | None = None) -> list[Any]:
+             on_operand: Callable[[int, int, Any], Any] | None = None,
+             on_op: Callable[[Any, list[Any]], list[Any] | None] | None = None) -> list[Any]:
     """Evaluate the graph on flat arguments (in `graph.inputs` order); return flat results.
 
     `on_tensor(tensor_id, value)` is called on every argument and op result and may return a
     replacement (e.g. the value under `jax.lax.with_sharding_constraint`). `on_operand(op id,
     position, value)` may replace the value one op reads, without changing it for other readers.
+    `on_op(op, operand values)` may return the op's results (a list) to use instead of binding its
+    primitive, or None to bind it as usual (emission's compressed-psum replacements).
     """
     if len(flat_args) != len(graph.inputs):
         raise ValueError(f"{graph.name} takes {len(graph.inputs)} array arguments, got {len(flat_args)}")
@@ -32,6 +35,11 @@ def evaluate(graph: OpGraph, flat_args: Sequence[Any],
         invals = [env[t] for t in op.inputs]
         if on_operand is not None:
             invals = [on_operand(op.id, p, v) for p, v in enumerate(invals)]
+        replaced = None if on_op is None else on_op(op, invals)
+        if replaced is not None:
+            for tid, value in zip(op.outputs, replaced):
+                env[tid] = hook(tid, value)
+            continue
         params = eqn.primitive.get_bind_params(eqn.params)
         # Keep the op's name stack and source so a re-traced program reads like the original.
         name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
