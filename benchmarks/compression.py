@@ -34,6 +34,7 @@ from tag_jax.search.planner import PlanningError, search  # noqa: E402
 from tag_jax.search.propagate import carried_outputs  # noqa: E402
 from tag_jax.strategy import MeshSpec  # noqa: E402
 
+JOINT_S = 10.0  # per zoo case: data-parallel plans tried jointly until then (auto_shard: budget/4)
 TOPOLOGIES = "1x8-a100-nvlink,2x4-v100-25gbe,tag-hetero,4xa100-4xv100,tpu-v4-2x2x2"
 MODELS = "mlp:real,gpt2:small,bert:base,vit:b16,resnet:50,vgg:19,moe:base,t5:base,recommender:real"
 TAG_SFB = {"name": "tag-sfb-2x1-v100", "devices": [{"kind": "v100", "node": 0}, {"kind": "v100", "node": 1}],
@@ -127,7 +128,8 @@ def zoo(args, lines):
                 lines.append(f"| {case} | {tname} | no plan fits: {str(e)[:60]} | | | | | | |")
                 continue
             t0 = time.perf_counter()
-            joint, after = C.joint_select(g, topo, res, ids, "lossless", memory_limit=limit)
+            joint, after = C.joint_select(g, topo, res, ids, "lossless", memory_limit=limit,
+                                          deadline=t0 + JOINT_S)
             secs = time.perf_counter() - t0
             b = res.cost.step_time_s
             beats = joint.cost.step_time_s < after.cost.step_time_s * (1 - 1e-9)
