@@ -1,6 +1,7 @@
 """Does the simulator predict what XLA compiles? Baseline plans at real size, compile only.
 
 Usage: python benchmarks/fidelity.py [--models gpt2:small,bert:base] [--topology 2x4-v100-25gbe]
+                                     [--plans data_parallel,fsdp,megatron,tag_jax] [--budget 7]
                                      [--constrain operands|results] [--out benchmarks/FIDELITY.md]
 
 `--constrain operands` (the default here) compiles the program emitted with
@@ -42,7 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_CASES)
     ap.add_argument("--topology", default="2x4-v100-25gbe")
-    ap.add_argument("--plans", default="data_parallel,fsdp,megatron")
+    ap.add_argument("--plans", default="data_parallel,fsdp,megatron,tag_jax",
+                    help="baselines and/or tag_jax (auto_shard's plan)")
+    ap.add_argument("--budget", type=float, default=7.0, help="auto_shard's search budget, seconds")
     ap.add_argument("--out", default=None)
     ap.add_argument("--constrain", default="operands", choices=("operands", "results"))
     args = ap.parse_args()
@@ -56,7 +59,10 @@ def main() -> None:
         name, size = case.split(":")
         ex = models.get(name, size)
         for plan_name in args.plans.split(","):
-            planner = getattr(baselines, plan_name)(ex.step, mesh, topology=topo)
+            if plan_name == "tag_jax":  # the planner's own choice, as auto_shard returns it
+                planner = tag_jax.auto_shard(ex.step, mesh, topology=topo, time_budget_s=args.budget)
+            else:
+                planner = getattr(baselines, plan_name)(ex.step, mesh, topology=topo)
             t0 = time.perf_counter()
             plan = planner.plan(ex.state, ex.batch)
             plan_s = time.perf_counter() - t0
@@ -80,8 +86,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Simulator fidelity: predicted vs compiled (topology {args.topology}, 8 CPU devices)\n\n"
-                    f"Command: `python benchmarks/fidelity.py --constrain {args.constrain} "
-                    f"--out {args.out}`\n\n")
+                    f"Command: `python benchmarks/fidelity.py --plans {args.plans} --budget {args.budget} "
+                    f"--constrain {args.constrain} --out {args.out}`\n\n")
             f.write("\n".join(lines + summary) + "\n")
 
 
