@@ -13,7 +13,8 @@ from tag_jax.plan import Plan, ShardedFunction
 def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topology=None,
                time_budget_s: float = 7.0, memory_limit: float | None = None, seed: int = 0,
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
-               progress: bool = False, compiler_options=None) -> ShardedFunction:
+               progress: bool = False, compiler_options=None, policy="default",
+               compression: str = "lossless") -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
 
     `mesh`: a `jax.sharding.Mesh` (its axes and shape are kept; the planner chooses which device sits
@@ -23,7 +24,19 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     the topology times `tag_jax.cost.USABLE_MEMORY`. `time_budget_s` bounds the search; tracing and
     building the plan add about 2 s for GPT-2 small. Plans are made once per input signature
     (`.plan(*args)`, abstract arguments are fine) and deterministic for a given `seed`.
+    `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
+    for the shipped weights (none if the package has none), None to search unguided, a
+    `tag_jax.policy.Policy` or a weights path. With `time_budget_s=0` the policy's plan is used alone.
+    `compression`: "lossless" (default) lets `tag_jax.search.compression` choose per gradient among
+    the plain reduction, SFB and row-sparse exchange (never a slower plan than without), "lossy"
+    also allows bf16/int8 psums (results change), "none" turns it off.
     """
+    from tag_jax.search.compression import check_mode
+
+    check_mode(compression)
+    from tag_jax.policy import resolve
+
+    guide = resolve(policy)
     from tag_jax.topology import Topology
 
     topo = Topology.detect() if topology is None else topology
@@ -59,11 +72,23 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
             limit = USABLE_MEMORY * min(topo.device_memory(i) for i in device_ids)
         result = search(graph, topo, device_ids, mesh_shape=shape, axis_names=names,
                         time_budget_s=time_budget_s, memory_limit=limit, seed=seed, progress=progress,
-                        permute=not keep_device_order)
-        strategy = result.strategy
+                        permute=not keep_device_order, policy=guide)
+        strategy, cost, choices, uncompressed = result.strategy, result.cost, (), None
+        if compression != "none":
+            from tag_jax.search.compression import joint_select
+
+            import time
+
+            # compression gets a quarter of the search's budget on top (at least a second)
+            deadline = time.perf_counter() + max(1.0, 0.25 * time_budget_s)
+            sel, _ = joint_select(graph, topo, result, device_ids, compression, mesh_shape=shape,
+                                  axis_names=names, permute=not keep_device_order, memory_limit=limit,
+                                  deadline=deadline)
+            if sel.choices and sel.cost.step_time_s < result.cost.step_time_s:
+                strategy, cost, choices, uncompressed = sel.strategy, sel.cost, sel.choices, result.cost
         op_strategies = rules.for_graph(graph, strategy.mesh.axes)
         plan = Plan.build(graph, strategy, op_strategies, topo, jax_mesh=make_mesh(strategy.mesh),
-                          cost=result.cost)
+                          cost=cost, compression=choices, uncompressed_cost=uncompressed)
         object.__setattr__(plan, "search", result)  # how the plan was found, for summaries
         return plan
 

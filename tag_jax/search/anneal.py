@@ -23,6 +23,7 @@ from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
 
 _LAYER_INDEX = re.compile(r"_\d+(?=/|$)")
 _CARRIED = (Role.PARAMETER, Role.OPTIMIZER_STATE, Role.STATE)
+PRIOR_WEIGHT = 0.8  # share of moves drawn from the policy's prior when one is set (the rest uniform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,8 @@ class Annealer:
         self.memory_limit = memory_limit
         self.evaluations = 0
         self._cache: dict[tuple, tuple[float, Any, Strategy]] = {}
+        # Optional move prior (tag_jax.policy): per unit, probabilities over its options.
+        self.prior: tuple[np.ndarray, ...] | None = None
 
     def shardings(self, decision: tuple[int, ...]) -> tuple[tuple[TensorSharding, ...], tuple[TensorSharding, ...]]:
         """(storage, compute) sharding of every graph input under a decision vector."""
@@ -190,7 +193,11 @@ class Annealer:
         d = list(decision)
         k = int(rng.integers(len(d)))
         n = len(self.batch_sets) if k == len(d) - 1 else len(self.groups[k].options)
-        if n > 1:
+        if n > 1 and self.prior is not None and rng.random() < PRIOR_WEIGHT:
+            p = np.array(self.prior[k], np.float64)  # the policy's preference, never the current
+            p[d[k]] = 0.0
+            d[k] = int(rng.choice(n, p=p / p.sum())) if p.sum() > 1e-9 else (d[k] + 1) % n
+        elif n > 1:
             d[k] = int((d[k] + rng.integers(1, n)) % n)
         # Chain move: sometimes give the same option index to groups of the same layer.
         if k < len(self.groups) and rng.random() < 0.3:
@@ -201,12 +208,14 @@ class Annealer:
         return tuple(d)
 
     def run(self, start: tuple[int, ...], deadline: float, rng: np.random.Generator,
-            on_best: Callable[[float], None]) -> tuple[float, Any, Strategy, tuple[int, ...]]:
+            on_best: Callable[[float], None],
+            max_evaluations: int | None = None) -> tuple[float, Any, Strategy, tuple[int, ...]]:
         cur = start
         cur_score, cur_cost, cur_strategy = self.evaluate(cur)
         best = (cur_score, cur_cost, cur_strategy, cur)
         temp = 0.05  # relative: accept a 5% worse plan with probability 1/e at the start
-        while time.perf_counter() < deadline:
+        stop = math.inf if max_evaluations is None else self.evaluations + max_evaluations
+        while time.perf_counter() < deadline and self.evaluations < stop:
             cand = self.neighbour(cur, rng)
             score, cost, strategy = self.evaluate(cand)
             if score <= cur_score or (math.isfinite(score) and rng.random() < math.exp(

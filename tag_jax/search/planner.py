@@ -29,7 +29,10 @@ class PlanningError(ValueError):
 def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: tuple[int, ...] | None = None,
            axis_names: tuple[str, ...] | None = None, time_budget_s: float = 10.0,
            memory_limit: float | None = None, seed: int = 0, progress: bool = False,
-           permute: bool = True) -> SearchResult:
+           permute: bool = True, policy=None) -> SearchResult:
+    """`policy` (a `tag_jax.policy.Policy`, or None for an unguided search) adds its plan on every
+    seeded mesh as one more seed and biases the annealing moves; with `time_budget_s <= 0` its plan
+    is returned alone (one simulator evaluation), when it fits in memory."""
     from tag_jax import rules
     from tag_jax.baselines import baseline_strategy
     from tag_jax.cost import Simulator
@@ -40,6 +43,12 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     if not device_ids:
         raise PlanningError("the mesh has no devices; pass a Mesh or a list of jax devices")
     meshes = candidate_meshes(device_ids, topology, mesh_shape, axis_names, permute)
+    if policy is not None and time_budget_s <= 0:
+        from tag_jax.policy.guide import policy_plan
+
+        alone = policy_plan(policy, graph, topology, meshes, memory_limit)
+        if alone is not None:
+            return alone
     carried = carried_outputs(graph)
     has_1d = any(len(m.shape) == 1 for m in meshes)
     strategies_by_axes: dict[tuple, tuple] = {}
@@ -69,6 +78,10 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             scored.append((score, f"{kind} {label}", cost, strategy, ann, _start(ann, kind)))
         if progress:
             _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
+    if policy is not None:
+        _add_policy_seeds(policy, graph, topology, scored, seeds)
+        if progress:
+            _say(f"policy seeds: best {min(s[0] for s in scored):.4g} s", t0)
     scored.sort(key=lambda s: s[0])
     best_score, best_name, best_cost, best_strategy = scored[0][:4]
     decisions = {}
@@ -79,9 +92,11 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     # then op-option annealing with incremental pricing.
     tops, seen = [], set()
     for s in scored:
-        if s[4].mesh not in seen and math.isfinite(s[0]):
+        # The baselines pick the meshes (a policy seed may only replace the start on its mesh):
+        # the policy's mesh ranking is its weakest output, and a wrong one would cost a mesh.
+        if s[4].mesh not in seen and math.isfinite(s[0]) and not s[1].startswith("policy"):
             seen.add(s[4].mesh)
-            tops.append(s)
+            tops.append(next(t for t in scored if t[4] is s[4]))
         if len(tops) == 2:
             break
     evaluations = len(scored)
@@ -132,6 +147,21 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     return SearchResult(strategy=best_strategy, cost=best_cost, evaluations=evaluations,
                         seconds=time.perf_counter() - t0, seeds=seeds, decisions=decisions,
                         history=tuple(history))
+
+
+def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict) -> None:
+    """The policy's plan on each seeded mesh joins the seeds; its scores become the move prior."""
+    from tag_jax.policy.features import Context
+
+    anns = list({id(s[4]): s[4] for s in scored}.values())
+    guides = policy.guide(graph, topology, [a.mesh for a in anns],
+                          [Context(a.groups, a.batch_sets) for a in anns])
+    for ann, g in zip(anns, guides):
+        ann.prior = g.prior
+        score, cost, strategy = ann.evaluate(g.decision)
+        name = f"policy {_mesh_label(ann.mesh)}"
+        seeds[name] = cost.step_time_s
+        scored.append((score, name, cost, strategy, ann, g.decision))
 
 
 def _start(ann: Annealer, kind: str) -> tuple[int, ...]:

@@ -1,0 +1,96 @@
+"""The imitation data set: random (model, topology) problems labelled by the search, cached on disk.
+
+A record is plain JSON (model family and config, topology dict, per-mesh teacher labels), one file
+per problem, so regenerating is resumable and features can change without re-searching. Features
+are rebuilt from records by re-tracing the model (abstract, well under a second each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+
+TEACHER_VERSION = "teacher-1"  # bump when labels change meaning; keys the cache directory
+
+
+def default_cache() -> str:
+    root = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return os.path.join(root, "tag_jax", "policy-data", TEACHER_VERSION)
+
+
+def _tuples(x):
+    """JSON lists back to the tuples model configs use (rows, stages)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def build_problem(family: str, config: dict, topology_dict: dict):
+    """(OpGraph, Topology) of one record; abstract tracing only."""
+    from tag_jax import models, trace
+    from tag_jax.topology import Topology
+
+    ex = models.get(family, "toy", **{k: _tuples(v) for k, v in config.items()})
+    return trace(ex.step, ex.state, ex.batch), Topology.from_json(topology_dict)
+
+
+def progress(i: int, n: int, t0: float, what: str) -> None:
+    """A one-line stderr progress bar (no dependency)."""
+    done = i / max(n, 1)
+    rate = (time.perf_counter() - t0) / max(i, 1)
+    bar = "#" * int(30 * done)
+    end = "\n" if i == n else ""
+    print(f"\r{what} [{bar:<30}] {i}/{n} {rate:.1f} s/it, eta {rate * (n - i) / 60:.1f} min ",
+          end=end, file=sys.stderr, flush=True)
+
+
+def generate(n: int, seed: int = 0, cache: str | None = None, budget_s: float = 2.5,
+             show: bool = True) -> list[dict]:
+    """n records from problem seeds seed*100000 + i, reusing cached ones."""
+    from tag_jax.policy import teacher, zoo
+
+    cache = cache or default_cache()
+    os.makedirs(cache, exist_ok=True)
+    out, t0, fresh = [], time.perf_counter(), 0
+    for i in range(n):
+        path = os.path.join(cache, f"{seed * 100000 + i:07d}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out.append(json.load(f))
+        else:
+            rng = np.random.default_rng(seed * 100000 + i)
+            family, config = zoo.random_model(rng)
+            topo = zoo.random_topology(rng, name=f"random-{seed * 100000 + i}")
+            graph, topology = build_problem(family, config, topo)
+            rec = {"family": family, "config": config, "topology": topo,
+                   "meshes": teacher.search_labels(graph, topology, budget_s, seed=i)}
+            with open(path + ".tmp", "w") as f:
+                json.dump(rec, f)
+            os.replace(path + ".tmp", path)
+            out.append(rec)
+            fresh += 1
+        if show:
+            progress(i + 1, n, t0, f"searching ({fresh} new)")
+    return out
+
+
+def graphs_of(record: dict, inst: int) -> Iterator:
+    """Labelled GraphsTuples, one per mesh of the record; globals mark the best mesh."""
+    from tag_jax.policy import features
+    from tag_jax.strategy import MeshSpec
+
+    graph, topology = build_problem(record["family"], record["config"], record["topology"])
+    best = min(m["score"] for m in record["meshes"])
+    for m in record["meshes"]:
+        mesh = MeshSpec(tuple(m["shape"]), tuple(m["axis_names"]), tuple(m["device_ids"]))
+        ctx = features.context(graph, mesh)
+        if len(ctx.groups) + 1 != len(m["decision"]):
+            continue  # the decision units changed since the record was made
+        g = features.build(graph, topology, mesh, ctx, labels=m["decision"])
+        ok = np.isfinite(m["score"]) and np.isfinite(m["dp"])
+        glob = dict(g.globals, inst=np.array([inst + 1], np.int32),
+                    best=np.array([float(m["score"] == best)], np.float32),
+                    value=np.array([np.log(m["score"] / m["dp"]) if ok else 0.0], np.float32))
+        yield g._replace(globals=glob)

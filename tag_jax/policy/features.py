@@ -1,0 +1,288 @@
+"""The joint graph the policy reads: op groups, devices, and the edges that join them (TAG's input).
+
+Op-group nodes are the annealer's decision units (`search.anneal.param_groups`, one per weight
+shared across repeated layers, plus one node for the batch). Every op of the program is charged to
+one of them: to the group whose tensors it reads directly, else to the group of its largest
+labelled input, else to the batch node; so a group's FLOPs and bytes are those of the layer it
+parameterises, forward, backward and update. Devices are the mesh's devices.
+
+Edges (both directions where it says so): op->op (tensor bytes between groups, forward and
+backward types), device<->device (bandwidth, latency, same machine), op<->device (the group's
+compute time on that device: what joins the two graphs). As in TAG, times are divided by the L2
+norm of the op-device compute-time matrix and bytes become times on the fastest link, so features
+are unit free. Each op node also carries its options (the action set, padded to MAX_OPTIONS and
+masked) and the mesh is described by the graph's globals; the network scores both.
+
+Pure numpy; `pad` batches and pads to power-of-two buckets so a jitted network compiles once per
+bucket, not once per graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jraph
+import numpy as np
+
+from tag_jax.hlo.graph import OpGraph, Role
+
+SCHEMA_VERSION = "tag_jax-policy-features-1"
+MAX_OPTIONS = 32
+NODE_FEATURES = 20
+OPTION_FEATURES = 13
+EDGE_FEATURES = 4
+GLOBAL_FEATURES = 7
+EDGE_TYPES = ("op->op", "op<-op", "dev-dev", "op->dev", "dev->op")
+OP, BATCH, DEVICE = 0, 1, 2  # node types (padding nodes are zero rows with type 0 and no options)
+
+_EFF, _MEM_EFF = 0.5, 0.8  # as the simulator's defaults: only ratios matter after normalising
+
+
+def _lg(x) -> np.ndarray:
+    """log10 squashed to about [0, 1] over [1e-6, 1]: normalised quantities span many decades."""
+    return np.clip(np.log10(np.asarray(x, np.float64) + 1e-6) / 6.0 + 1.0, -1.0, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the features of one (graph, topology, mesh) need from the search: its decision units."""
+
+    groups: tuple  # search.anneal.Group
+    batch_sets: tuple  # axis sets for the batch dimension
+
+
+def context(graph: OpGraph, mesh) -> Context:
+    from tag_jax.search.anneal import batch_options, param_groups
+
+    return Context(param_groups(graph, mesh), batch_options(graph, mesh))
+
+
+def assign_ops(graph: OpGraph, groups: Sequence) -> np.ndarray:
+    """Node index (0..len(groups), the last being the batch node) of every op."""
+    batch = len(groups)
+    label: dict[int, int] = {}
+    direct: dict[int, int] = {}
+    for k, g in enumerate(groups):
+        for t in g.tensors:
+            direct[t] = label[t] = k
+    for tid in graph.inputs:
+        label.setdefault(tid, batch)
+    out = np.full(len(graph.ops), batch, np.int64)
+    for op in graph.ops:
+        hit = [direct[t] for t in op.inputs if t in direct]
+        if hit:
+            k = hit[0]
+        else:
+            known = [(graph.tensors[t].nbytes, label[t]) for t in op.inputs if t in label]
+            k = max(known)[1] if known else batch
+        out[op.id] = k
+        for t in op.outputs:
+            label[t] = k
+    return out
+
+
+def _ring_bw(topology, mesh, axes: tuple[str, ...]) -> float:
+    """Slowest ring bandwidth over the device groups that vary along `axes` (0 for no axes)."""
+    if not axes:
+        return 0.0
+    ids = np.asarray(mesh.device_ids).reshape(mesh.shape)
+    names = list(mesh.axis_names)
+    keep = [names.index(a) for a in axes]
+    rest = [i for i in range(len(names)) if i not in keep]
+    groups = np.transpose(ids, rest + keep).reshape(-1, math.prod(mesh.shape[i] for i in keep))
+    return min(topology.ring_bandwidth(tuple(int(x) for x in g)) for g in groups)
+
+
+def _option_row(dim, axes, gather, shape, mesh, bw, nbytes, T, max_bw, min_mem, is_batch):
+    n = max(mesh.size, 2)
+    k = math.prod(mesh.axes[a] for a in axes) if axes else 1
+    row = np.zeros(OPTION_FEATURES)
+    row[0] = dim is None or not axes
+    row[1] = gather
+    row[2] = 1.0 / k
+    row[3] = math.log2(k) / math.log2(n)
+    if dim is not None and axes and shape:
+        row[4] = dim == 0
+        row[5] = dim == len(shape) - 1
+        row[6] = shape[dim] / max(shape)
+    row[7] = bw / max_bw
+    row[8] = _lg(nbytes / k / min_mem)
+    row[9] = "model" in axes
+    row[10] = "data" in axes
+    row[11] = _lg(nbytes * (k - 1) / k / max(bw, 1.0) / T) if gather and axes else 0.0
+    row[12] = is_batch
+    return row
+
+
+def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] | None = None,
+          labels: Sequence[int] | None = None) -> jraph.GraphsTuple:
+    """One unpadded GraphsTuple (numpy) for `graph` on `mesh`; `decision` is the current choice
+    (default: replicated weights, batch over every axis, i.e. data parallel), `labels` the teacher's
+    decision vector (stored in nodes["label"], not read by the network)."""
+    groups, G = ctx.groups, len(ctx.groups)
+    decision = list(decision) if decision is not None else [0] * G + [len(ctx.batch_sets) - 1]
+    devs = [topology.device(i) for i in mesh.device_ids]
+    D = len(devs)
+    owner = assign_ops(graph, groups)
+
+    # Per-op compute time on each device kind (roofline, 16-bit rate for 16-bit outputs).
+    flops = np.array([op.flops for op in graph.ops], np.float64)
+    nbytes = np.array([op.bytes for op in graph.ops], np.float64)
+    half = np.array([bool(op.outputs) and graph.tensors[op.outputs[0]].dtype.itemsize <= 2
+                     for op in graph.ops])
+    rate = np.where(half[:, None], [d.flops for d in devs], [d.flops_fp32 for d in devs]) * _EFF
+    t_op = np.maximum(flops[:, None] / rate, nbytes[:, None] / (np.array([d.memory_bandwidth for d in devs]) * _MEM_EFF))
+    t_gd = np.zeros((G + 1, D))
+    np.add.at(t_gd, owner, t_op)
+    T = float(np.linalg.norm(t_gd)) or 1.0
+    bwm = topology.bandwidth_matrix()
+    pos = {i: k for k, i in enumerate(topology.ids)}
+    sub = bwm[np.ix_([pos[i] for i in mesh.device_ids], [pos[i] for i in mesh.device_ids])]
+    max_bw = float(sub.max()) if D > 1 else 1e12
+    min_mem = min(d.memory for d in devs)
+    max_mbw = max(d.memory_bandwidth for d in devs)
+
+    # ---- op-group nodes -----------------------------------------------------------------------
+    role_of = np.zeros(len(graph.ops), np.int64)  # 0 forward, 1 backward, 2 update
+    for op in graph.ops:
+        r = graph.tensors[op.outputs[0]].role if op.outputs else Role.ACTIVATION
+        role_of[op.id] = 1 if r == Role.GRADIENT else 2 if r in (Role.UPDATE, Role.OUTPUT) else 0
+    mix = np.zeros((G + 1, 3))
+    np.add.at(mix, (owner, role_of), flops + 1.0)
+    mix /= mix.sum(1, keepdims=True)
+    g_bytes = np.zeros(G + 1)
+    np.add.at(g_bytes, owner, nbytes)
+    x = np.zeros((G + 1 + D, NODE_FEATURES))
+    opt = np.zeros((G + 1 + D, MAX_OPTIONS, OPTION_FEATURES))
+    mask = np.zeros((G + 1 + D, MAX_OPTIONS), bool)
+    bw_of = {}
+    for axes in {o.axes for g in groups for o in g.options} | set(ctx.batch_sets):
+        bw_of[axes] = _ring_bw(topology, mesh, axes)
+    batch_bytes = float(sum(graph.tensors[t].nbytes for t in graph.inputs
+                            if graph.tensors[t].role == Role.BATCH))
+    for k in range(G + 1):
+        is_batch = k == G
+        if is_batch:
+            shape, pbytes, count = (), batch_bytes, 1
+            rows = [_option_row(0, s, False, (), mesh, bw_of[s], pbytes, T, max_bw, min_mem, True)
+                    for s in ctx.batch_sets]
+            cur = ctx.batch_sets[decision[-1]]
+            cur_row = (not cur, 1.0 / max(1, math.prod(mesh.axes[a] for a in cur)), 0.0)
+        else:
+            g = groups[k]
+            shape = g.shape
+            pbytes = float(sum(graph.tensors[t].nbytes for t in g.tensors))
+            count = len(g.tensors)
+            rows = [_option_row(o.dim, o.axes, o.gather, shape, mesh, bw_of[o.axes], pbytes, T,
+                                max_bw, min_mem, False) for o in g.options]
+            o = g.options[decision[k]]
+            cur_row = (o.dim is None, 1.0 / max(1, math.prod(mesh.axes[a] for a in o.axes)), float(o.gather))
+        rows = rows[:MAX_OPTIONS]
+        opt[k, :len(rows)] = rows
+        mask[k, :len(rows)] = True
+        fastest = t_gd[k].min() / T
+        x[k, 0] = fastest
+        x[k, 1] = _lg(fastest)
+        x[k, 2] = _lg(g_bytes[k] / (max_mbw * _MEM_EFF) / T)
+        x[k, 3] = _lg(pbytes / min_mem)
+        x[k, 4] = _lg(pbytes / max_bw / T)
+        x[k, 5:8] = mix[k]
+        x[k, 8] = len(shape) / 4
+        x[k, 9] = min(count, 64) / 16
+        x[k, 10:13] = cur_row
+    # ---- device nodes -------------------------------------------------------------------------
+    node_size = {}
+    for d in devs:
+        node_size[d.node] = node_size.get(d.node, 0) + 1
+    max_fl = max(d.flops for d in devs)
+    max_m = max(d.memory for d in devs)
+    for j, d in enumerate(devs):
+        r = G + 1 + j
+        x[r, 13] = d.flops / max_fl
+        x[r, 14] = d.flops_fp32 / max(e.flops_fp32 for e in devs)
+        x[r, 15] = d.memory / max_m
+        x[r, 16] = d.memory_bandwidth / max_mbw
+        x[r, 17] = node_size[d.node] / D
+        x[r, 18] = len(node_size) / D
+        x[r, 19] = _lg(min_mem / d.memory)
+    types = np.array([OP] * G + [BATCH] + [DEVICE] * D, np.int32)
+    # ---- edges --------------------------------------------------------------------------------
+    snd, rcv, typ, ef = [], [], [], []
+
+    def edge(s, r, t, f):
+        snd.append(s), rcv.append(r), typ.append(t), ef.append(f)
+
+    flow: dict[tuple[int, int], float] = {}
+    for op in graph.ops:
+        for t in op.inputs:
+            p = graph.tensors[t].producer
+            if p is not None and owner[p] != owner[op.id]:
+                key = (int(owner[p]), int(owner[op.id]))
+                flow[key] = flow.get(key, 0.0) + graph.tensors[t].nbytes
+    for (a, b), v in sorted(flow.items()):
+        tt = v / max_bw / T
+        f = (min(tt, 10.0), _lg(tt), 0.0, 0.0)
+        edge(a, b, 0, f)
+        edge(b, a, 1, f)
+    for i in range(D):
+        for j in range(D):
+            if i != j:
+                link = topology.link(mesh.device_ids[i], mesh.device_ids[j])
+                same = devs[i].node == devs[j].node
+                edge(G + 1 + i, G + 1 + j, 2, (link.bandwidth / max_bw, _lg(link.bandwidth / max_bw),
+                                               _lg(link.latency / T), float(same)))
+    for k in range(G + 1):
+        for j in range(D):
+            tt = t_gd[k, j] / T
+            f = (tt, _lg(tt), t_gd[k, j] / max(t_gd[k].min(), 1e-30) - 1.0, 0.0)
+            edge(k, G + 1 + j, 3, f)
+            edge(G + 1 + j, k, 4, f)
+    lab = np.zeros(G + 1 + D, np.int32)
+    has = np.zeros(G + 1 + D, np.float32)
+    if labels is not None:
+        # Imitation weight: the groups holding most bytes decide most of the step time; the choice
+        # for a small bias or norm scale is close to arbitrary, so it counts a quarter.
+        sizes = [float(sum(graph.tensors[t].nbytes for t in g.tensors)) for g in groups]
+        top = max(sizes, default=1.0) or 1.0
+        for k, v in enumerate(labels):
+            if v < MAX_OPTIONS:
+                lab[k], has[k] = v, (0.25 + 0.75 * sizes[k] / top) if k < G else 1.0
+    glob = np.zeros((1, GLOBAL_FEATURES))
+    names = list(mesh.axis_names)
+    n = max(mesh.size, 2)
+    dsz = mesh.axes.get("data", 1) if "data" in names else (mesh.shape[0] if len(names) == 1 else 1)
+    msz = mesh.axes.get("model", 1)
+    glob[0] = (math.log2(dsz) / math.log2(n), math.log2(msz) / math.log2(n), len(names) > 1,
+               _ring_bw(topology, mesh, (names[0],)) / max_bw,
+               _ring_bw(topology, mesh, (names[-1],)) / max_bw if len(names) > 1 else 0.0,
+               mesh.size / 16, len(node_size) / D)
+    return jraph.GraphsTuple(
+        nodes={"x": x.astype(np.float32), "type": types, "opt": opt.astype(np.float32),
+               "mask": mask, "label": lab, "has_label": has},
+        edges={"x": np.asarray(ef, np.float32).reshape(-1, EDGE_FEATURES),
+               "type": np.asarray(typ, np.int32)},
+        senders=np.asarray(snd, np.int32), receivers=np.asarray(rcv, np.int32),
+        n_node=np.array([G + 1 + D], np.int32), n_edge=np.array([len(snd)], np.int32),
+        globals={"x": glob.astype(np.float32), "inst": np.zeros(1, np.int32),
+                 "best": np.zeros(1, np.float32), "value": np.zeros(1, np.float32),
+                 "valid": np.ones(1, np.float32)})
+
+
+def _bucket(n: int, least: int) -> int:
+    return max(least, 1 << max(0, int(n - 1).bit_length()))
+
+
+def pad(graphs: Sequence[jraph.GraphsTuple], n_graph: int | None = None) -> jraph.GraphsTuple:
+    """Batch and pad to power-of-two node/edge counts (and `n_graph` graphs, default a power of 2),
+    so a jitted network sees few distinct shapes."""
+    g = jraph.batch_np(list(graphs))
+    nodes = _bucket(int(g.n_node.sum()) + 1, 64)
+    edges = _bucket(int(g.n_edge.sum()), 256)
+    n_graph = n_graph or _bucket(len(graphs) + 1, 2)
+    real_nodes, real_edges = int(g.n_node.sum()), int(g.n_edge.sum())
+    out = jraph.pad_with_graphs(g, nodes, edges, n_graph)
+    # jraph points padding edges at node 0, a real node: point them at a padding node instead.
+    snd, rcv = out.senders.copy(), out.receivers.copy()
+    snd[real_edges:] = rcv[real_edges:] = real_nodes
+    return out._replace(senders=snd, receivers=rcv)

@@ -1,0 +1,146 @@
+"""Retrain the policy from scratch: `python -m tag_jax.policy.train [--problems 180] [--epochs 80]`.
+
+1. searches random problems (`zoo`) with the teacher, caching each on disk (`dataset`);
+2. builds the joint graphs, holds out the last tenth of the problems for validation;
+3. fits `PolicyNet` by imitation (cross-entropy on each group's chosen option and on the best
+   mesh, plus a squared loss on the value head) with optax AdamW and gradient clipping;
+4. writes `tag_jax/policy/weights/policy.npz` with the feature schema version.
+
+About 20 minutes on two CPU cores with an empty cache, a few minutes with a full one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tag_jax.policy import dataset, features, store
+from tag_jax.policy.network import PolicyNet
+
+CONFIG = {"hidden": 64, "layers": 3, "heads": 4}
+INSTANCES_PER_BATCH = 8
+
+
+def loss_fn(params, net, g):
+    out = net.apply({"params": params}, g)
+    nodes, glob = g.nodes, g.globals
+    logp = jax.nn.log_softmax(out["options"], axis=-1)
+    nll = -jnp.take_along_axis(logp, nodes["label"][:, None], axis=1)[:, 0]
+    has = nodes["has_label"]
+    option_loss = (nll * has).sum() / jnp.maximum(has.sum(), 1.0)
+    correct = (jnp.argmax(out["options"], -1) == nodes["label"]) * has
+    # Mesh: softmax over the graphs of one problem (same `inst`); segment 0 is padding.
+    n_seg = glob["inst"].shape[0] + 1
+    inst, valid = glob["inst"], glob["valid"]
+    logit = jnp.where(valid > 0, out["mesh"], -1e9)
+    top = jax.ops.segment_max(logit, inst, n_seg)
+    lse = jnp.log(jax.ops.segment_sum(jnp.exp(logit - top[inst]), inst, n_seg)) + top
+    target = glob["best"] * valid
+    mesh_loss = -((logit - lse[inst]) * target).sum() / jnp.maximum(target.sum(), 1.0)
+    mesh_hit = (jax.ops.segment_max(logit, inst, n_seg)[inst] == logit) * target
+    value_loss = (((out["value"] - glob["value"]) ** 2) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    total = option_loss + 0.5 * mesh_loss + 0.5 * value_loss
+    stats = {"option": option_loss, "mesh": mesh_loss, "value": value_loss,
+             "option_hits": correct.sum(), "options": has.sum(),
+             "mesh_hits": mesh_hit.sum(), "meshes": target.sum()}
+    return total, stats
+
+
+def batches(problems) -> list:
+    """Padded batches of about INSTANCES_PER_BATCH problems (all meshes of a problem together),
+    problems of similar size together: fixed once, so each batch shape compiles once."""
+    order = sorted(range(len(problems)), key=lambda k: sum(int(g.n_node[0]) for g in problems[k]))
+    out = []
+    for s in range(0, len(order), INSTANCES_PER_BATCH):
+        graphs = []
+        for j, k in enumerate(order[s:s + INSTANCES_PER_BATCH]):
+            for g in problems[k]:
+                graphs.append(g._replace(globals=dict(g.globals, inst=np.array([j + 1], np.int32))))
+        out.append(features.pad(graphs, n_graph=64))
+    return out
+
+
+def fit(problems, val, epochs: int, seed: int = 0, lr: float = 2e-3, show: bool = True,
+        max_minutes: float = 12.0):
+    net = PolicyNet(**CONFIG)
+    rng = np.random.default_rng(seed)
+    train_batches = batches(problems)
+    params = jax.jit(net.init)(jax.random.key(seed), train_batches[0])["params"]
+    steps = epochs * -(-len(problems) // INSTANCES_PER_BATCH)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, g):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, net, g)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, stats
+
+    evaluate = jax.jit(lambda p, g: loss_fn(p, net, g)[1])
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        tot = {}
+        for b in rng.permutation(len(train_batches)):
+            params, opt_state, stats = step(params, opt_state, train_batches[b])
+            for k, v in stats.items():
+                tot[k] = tot.get(k, 0.0) + float(v)
+        if show:
+            dataset.progress(epoch + 1, epochs, t0,
+                             f"training (option acc {tot['option_hits'] / max(tot['options'], 1):.2f},"
+                             f" mesh acc {tot['mesh_hits'] / max(tot['meshes'], 1):.2f})")
+        if time.perf_counter() - t0 > 60 * max_minutes:
+            print(f"\nstopping after {epoch + 1} epochs: {max_minutes} min training limit",
+                  file=sys.stderr)
+            break
+    report = {"train_" + k: v for k, v in _metrics(evaluate, params, problems).items()}
+    report.update({"val_" + k: v for k, v in _metrics(evaluate, params, val).items()})
+    report["train_seconds"] = time.perf_counter() - t0
+    return params, report
+
+
+def _metrics(evaluate, params, problems) -> dict:
+    tot = {}
+    for g in batches(problems):
+        for k, v in evaluate(params, g).items():
+            tot[k] = tot.get(k, 0.0) + float(v)
+    if not tot:
+        return {}
+    return {"option_accuracy": tot["option_hits"] / max(tot["options"], 1),
+            "mesh_accuracy": tot["mesh_hits"] / max(tot["meshes"], 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tag_jax.policy.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--problems", type=int, default=180, help="random problems to search (cached)")
+    ap.add_argument("--budget", type=float, default=3.0, help="teacher search seconds per problem")
+    ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=None, help=f"search cache (default {dataset.default_cache()})")
+    ap.add_argument("--out", default=store.DEFAULT_PATH)
+    ap.add_argument("--max-minutes", type=float, default=6.0, help="limit on the fitting stage")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    records = dataset.generate(args.problems, args.seed, args.cache, args.budget)
+    problems, t1 = [], time.perf_counter()
+    for i, rec in enumerate(records):
+        problems.append(list(dataset.graphs_of(rec, i)))
+        dataset.progress(i + 1, len(records), t1, "features")
+    problems = [p for p in problems if p]
+    n_val = max(1, len(problems) // 10)
+    params, report = fit(problems[:-n_val], problems[-n_val:], args.epochs, args.seed,
+                         max_minutes=args.max_minutes)
+    report.update(problems=len(problems), validation_problems=n_val, epochs=args.epochs,
+                  total_seconds=time.perf_counter() - t0, teacher=dataset.TEACHER_VERSION)
+    store.save(args.out, params, CONFIG, report)
+    print("wrote", args.out, {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()},
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

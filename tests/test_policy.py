@@ -1,0 +1,172 @@
+"""The learned policy: joint-graph features, masked scores, weights on disk, and its plan alone."""
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import tag_jax
+from tag_jax import models
+from tag_jax.policy import Policy, SchemaMismatchError, features, store
+from tag_jax.policy.network import NEG, PolicyNet
+from tag_jax.policy.train import CONFIG
+from tag_jax.search.anneal import candidate_meshes
+from tag_jax.search.planner import search
+
+TOPO = tag_jax.Topology.preset("2x4-v100-25gbe")
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    ex = models.get("mlp", "toy", optimizer="sgd")
+    return ex, tag_jax.trace(ex.step, ex.state, ex.batch)
+
+
+@pytest.fixture(scope="module")
+def built(mlp):
+    graph = mlp[1]
+    mesh = candidate_meshes(TOPO.ids, TOPO)[1]  # (data=4, model=2)
+    ctx = features.context(graph, mesh)
+    return graph, mesh, ctx, features.build(graph, TOPO, mesh, ctx)
+
+
+@pytest.fixture(scope="module")
+def policy(built):
+    g = features.pad([built[3]])
+    params = jax.jit(PolicyNet(**CONFIG).init)(jax.random.key(0), g)["params"]
+    return Policy(params, CONFIG)
+
+
+def test_features_have_one_node_per_decision_unit_and_device(built):
+    graph, mesh, ctx, g = built
+    G, D = len(ctx.groups), mesh.size
+    # mlp toy: the 2 hidden layers share a kernel group and a bias group; then the head's two.
+    assert G == 4 and D == 8
+    assert g.n_node.tolist() == [G + 1 + D]
+    assert g.nodes["x"].shape == (G + 1 + D, features.NODE_FEATURES)
+    assert g.nodes["opt"].shape == (G + 1 + D, features.MAX_OPTIONS, features.OPTION_FEATURES)
+    assert g.nodes["type"].tolist() == [0] * G + [1] + [2] * D
+    want = [len(u.options) for u in ctx.groups] + [len(ctx.batch_sets)] + [0] * D
+    assert g.nodes["mask"].sum(1).tolist() == want
+    types = np.bincount(g.edges["type"], minlength=5)
+    assert types[2] == D * (D - 1)  # complete device graph
+    assert types[3] == types[4] == (G + 1) * D  # complete op-device bipartite graph
+    assert types[0] == types[1] > 0  # op->op both ways
+    # TAG's normalisation: op-device times are divided by the norm of all of them.
+    t = g.edges["x"][g.edges["type"] == 3, 0]
+    np.testing.assert_allclose(np.linalg.norm(t), 1.0, rtol=1e-5)
+    # Bandwidths are relative to the fastest link: NVLink 1, 25 GbE 3.125/150.
+    bw = np.unique(g.edges["x"][g.edges["type"] == 2, 0])
+    np.testing.assert_allclose(bw, [3.125 / 150, 1.0], rtol=1e-5)
+
+
+def test_padding_goes_to_power_of_two_buckets_and_padding_is_inert(built):
+    g = built[3]
+    p = features.pad([g, g])
+    real_nodes, real_edges = 2 * int(g.n_node[0]), 2 * int(g.n_edge[0])
+    assert (real_nodes, real_edges) == (26, 308)
+    assert p.nodes["x"].shape[0] == 64 and p.senders.shape[0] == 512 and p.n_node.shape[0] == 4
+    assert not p.nodes["mask"][real_nodes:].any()
+    assert (p.senders[real_edges:] == real_nodes).all() and (p.receivers[real_edges:] == real_nodes).all()
+    # Another graph of similar size lands in the same bucket: no recompilation.
+    assert features.pad([g]).nodes["x"].shape == features.pad([g]).nodes["x"].shape
+
+
+def _permute_devices(g, perm):
+    """The same graph with its device nodes listed in another order (edges relabelled, shuffled)."""
+    n = int(g.n_node[0])
+    first = n - len(perm)
+    new_index = np.arange(n)
+    new_index[first:] = first + np.argsort(perm)
+    order = np.concatenate([np.arange(first), first + np.asarray(perm)])
+    nodes = {k: v[order] for k, v in g.nodes.items()}
+    shuffle = np.random.default_rng(0).permutation(len(g.senders))
+    return g._replace(nodes=nodes, senders=new_index[g.senders][shuffle],
+                      receivers=new_index[g.receivers][shuffle],
+                      edges={k: v[shuffle] for k, v in g.edges.items()})
+
+
+def test_scores_do_not_depend_on_the_order_of_device_nodes_or_edges(built, policy):
+    g = built[3]
+    a = policy.apply(features.pad([g]))
+    b = policy.apply(features.pad([_permute_devices(g, [7, 3, 5, 1, 0, 2, 6, 4])]))
+    n_ops = len(built[2].groups) + 1
+    np.testing.assert_allclose(a["options"][:n_ops], b["options"][:n_ops], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a["mesh"][0], b["mesh"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_features_do_not_depend_on_how_the_topology_lists_its_devices(built):
+    graph, mesh, ctx, g = built
+    d = TOPO.to_dict()
+    shuffled = tag_jax.Topology.from_json(dict(d, devices=[d["devices"][i] for i in (4, 0, 5, 1, 6, 2, 7, 3)]))
+    h = features.build(graph, shuffled, mesh, ctx)
+    for k in ("x", "opt", "mask"):
+        np.testing.assert_allclose(g.nodes[k], h.nodes[k], rtol=1e-6)
+    np.testing.assert_allclose(g.edges["x"], h.edges["x"], rtol=1e-6)
+
+
+def test_scores_are_masked_to_valid_options(built, policy):
+    graph, mesh, ctx, g = built
+    out = policy.apply(features.pad([g]))
+    valid = features.pad([g]).nodes["mask"]
+    assert (out["options"][~valid] == NEG).all() and np.isfinite(out["options"][valid]).all()
+    (guide,) = policy.guide(graph, TOPO, [mesh], [ctx])
+    sizes = [len(u.options) for u in ctx.groups] + [len(ctx.batch_sets)]
+    assert [len(p) for p in guide.prior] == sizes
+    for p, n in zip(guide.prior, sizes):
+        np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-9)
+        assert (p > 0).all()
+    assert all(0 <= k < n for k, n in zip(guide.decision, sizes))
+
+
+def test_weights_round_trip_and_a_schema_mismatch_is_refused(built, policy, tmp_path):
+    path = str(tmp_path / "p.npz")
+    store.save(path, policy.params, CONFIG, {"note": "test"})
+    t0 = time.perf_counter()
+    again = Policy.load(path)
+    assert time.perf_counter() - t0 < 1.0
+    assert again.meta == {"note": "test"} and again.config == CONFIG
+    g = features.pad([built[3]])
+    np.testing.assert_array_equal(policy.apply(g)["options"], again.apply(g)["options"])
+    with np.load(path, allow_pickle=False) as z:  # no object arrays anywhere
+        assert str(z["__schema__"]) == features.SCHEMA_VERSION
+    store.save(path, policy.params, CONFIG, schema="tag_jax-policy-features-0")
+    with pytest.raises(SchemaMismatchError, match=r"trained for feature schema "
+                                                  r"'tag_jax-policy-features-0'.*retrain"):
+        Policy.load(path)
+
+
+@pytest.mark.skipif(not os.path.exists(store.DEFAULT_PATH), reason="no shipped weights")
+def test_shipped_weights_load_fast_and_match_the_schema():
+    t0 = time.perf_counter()
+    p = Policy.load()
+    assert time.perf_counter() - t0 < 1.0
+    assert p.config == CONFIG and p.meta["problems"] > 0
+
+
+def test_guided_search_keeps_baselines_and_adds_the_policy_seed(mlp, policy):
+    graph = mlp[1]
+    r = search(graph, TOPO, list(TOPO.ids), time_budget_s=1.0, policy=policy)
+    assert any(k.startswith("policy") for k in r.seeds)
+    assert any(k.startswith("data_parallel") for k in r.seeds)
+    assert r.cost.step_time_s <= min(r.seeds.values()) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("which", ["random", "shipped"])
+def test_zero_budget_returns_the_policy_plan_and_it_computes_the_same_step(mlp, policy, which):
+    if which == "shipped":
+        if not os.path.exists(store.DEFAULT_PATH):
+            pytest.skip("no shipped weights")
+        policy = Policy.load()
+    ex = mlp[0] if which == "random" else models.get("gpt2", "toy", optimizer="sgd")
+    state, batch = ex.init(jax.random.key(0))
+    mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+    step = tag_jax.auto_shard(ex.step, mesh, topology=TOPO, time_budget_s=0, policy=policy)
+    plan = step.plan(state, batch)
+    assert plan.search.evaluations == 1 and list(plan.search.seeds) == ["policy (mesh choice 1)"]
+    assert plan.cost.step_time_s > 0
+    got = step(state, batch)
+    want = jax.jit(ex.step)(state, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
