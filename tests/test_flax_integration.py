@@ -1,0 +1,122 @@
+"""auto_shard with Flax's own training containers: TrainState (linen), nnx split/merge, donation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+from flax.training import train_state
+
+import tag_jax
+
+TOPO = tag_jax.Topology.preset("2x4-v100-25gbe")
+
+
+def _mesh():
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _batch():
+    kx, ky = jax.random.split(jax.random.key(1))
+    return {"x": jax.random.normal(kx, (16, 32)), "y": jax.random.randint(ky, (16,), 0, 8)}
+
+
+def _assert_trees_close(got, want):
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(8, name="fc2")(nn.relu(nn.Dense(64, name="fc1")(x)))
+
+
+def _train_state():
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32)))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+
+
+def train_step(state, batch):
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+
+def test_train_state_step_equals_the_unsharded_step():
+    state, batch = _train_state(), _batch()
+    step = tag_jax.auto_shard(train_step, _mesh(), topology=TOPO, time_budget_s=0.5)
+    got = step(state, batch)
+    want = jax.jit(train_step)(state, batch)
+    _assert_trees_close(got, want)
+    new_state, _ = got
+    assert isinstance(new_state, train_state.TrainState) and int(new_state.step) == 1
+    assert new_state.apply_fn is state.apply_fn and new_state.tx is state.tx  # static fields kept
+    # the parameters are recognised as parameters by their `params` field
+    roles = {a.path: a.role for a in step.plan(state, batch).arguments}
+    assert roles["state/params/fc1/kernel"] == "parameter"
+    # a second step reuses the plan and the program
+    step(*got[:1], batch)
+    assert len(step._plans) == 1
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(32, 64, rngs=rngs)
+        self.fc2 = nnx.Linear(64, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.fc1(x)))
+
+
+def nnx_step(graphdef, params, batch):
+    """A pure step over nnx state: the graphdef has no arrays, so it travels in the pytree
+    structure (static), and the state argument is named `params` so its role is parameter."""
+    model = nnx.merge(graphdef, params)
+
+    def loss_fn(model):
+        logits = model(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    new = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads)
+    return new, loss
+
+
+def test_nnx_split_plan_merge_equals_the_unsharded_step():
+    graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    batch = _batch()
+    step = tag_jax.auto_shard(nnx_step, _mesh(), topology=TOPO, time_budget_s=0.5)
+    plan = step.plan(graphdef, params, batch)
+    assert {a.path: a.role for a in plan.arguments}["params/fc1/kernel/value"] == "parameter"
+    got_params, got_loss = step(graphdef, params, batch)
+    want_params, want_loss = jax.jit(nnx_step, static_argnums=0)(graphdef, params, batch)
+    _assert_trees_close((got_params, got_loss), (want_params, want_loss))
+    model = nnx.merge(graphdef, got_params)  # back to a module, values intact
+    np.testing.assert_allclose(np.asarray(model.fc1.kernel[...]),
+                               np.asarray(want_params["fc1"]["kernel"][...]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(batch["x"])),
+                               np.asarray(nnx.merge(graphdef, want_params)(batch["x"])),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_donated_state_is_deleted_and_the_result_is_right():
+    state, batch = _train_state(), _batch()
+    want = jax.jit(train_step)(state, batch)
+    step = tag_jax.auto_shard(train_step, _mesh(), topology=TOPO, time_budget_s=0.5,
+                              donate_argnums=(0,))
+    plan = step.plan(state, batch)
+    state, batch = plan.shard_args(state, batch)  # on the plan's layout: donation reuses these buffers
+    leaves = jax.tree_util.tree_leaves(state)
+    got = step(state, batch)
+    _assert_trees_close(got, want)
+    assert all(x.is_deleted() for x in leaves)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(batch))
+    with pytest.raises(RuntimeError, match="deleted"):
+        np.asarray(leaves[0])
