@@ -85,7 +85,12 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
                                   axis_names=names, permute=not keep_device_order, memory_limit=limit,
                                   deadline=deadline)
             if sel.choices and sel.cost.step_time_s < result.cost.step_time_s:
-                strategy, cost, choices, uncompressed = sel.strategy, sel.cost, sel.choices, result.cost
+                import dataclasses
+
+                name = sel.strategy.name
+                name = name if name.startswith("tag_jax") else f"tag_jax ({name})"
+                strategy = dataclasses.replace(sel.strategy, name=name)
+                cost, choices, uncompressed = sel.cost, sel.choices, result.cost
         op_strategies = rules.for_graph(graph, strategy.mesh.axes)
         plan = Plan.build(graph, strategy, op_strategies, topo, jax_mesh=make_mesh(strategy.mesh),
                           cost=cost, compression=choices, uncompressed_cost=uncompressed)
