@@ -1,6 +1,8 @@
 """`auto_shard(fn, mesh)`: the planner behind a jit-like function."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -70,23 +72,21 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         limit = memory_limit
         if limit is None:
             limit = USABLE_MEMORY * min(topo.device_memory(i) for i in device_ids)
+        # one budget for both: the search gets 80% of it, compression the rest (at least 0.5 s)
+        search_s = time_budget_s * (0.8 if compression != "none" else 1.0)
+        compress_s = max(0.5, time_budget_s - search_s)
         result = search(graph, topo, device_ids, mesh_shape=shape, axis_names=names,
-                        time_budget_s=time_budget_s, memory_limit=limit, seed=seed, progress=progress,
+                        time_budget_s=search_s, memory_limit=limit, seed=seed, progress=progress,
                         permute=not keep_device_order, policy=guide)
         strategy, cost, choices, uncompressed = result.strategy, result.cost, (), None
         if compression != "none":
             from tag_jax.search.compression import joint_select
 
-            import time
-
-            # compression gets a quarter of the search's budget on top (at least a second)
-            deadline = time.perf_counter() + max(1.0, 0.25 * time_budget_s)
+            deadline = time.perf_counter() + compress_s
             sel, _ = joint_select(graph, topo, result, device_ids, compression, mesh_shape=shape,
                                   axis_names=names, permute=not keep_device_order, memory_limit=limit,
                                   deadline=deadline)
             if sel.choices and sel.cost.step_time_s < result.cost.step_time_s:
-                import dataclasses
-
                 name = sel.strategy.name
                 name = name if name.startswith("tag_jax") else f"tag_jax ({name})"
                 strategy = dataclasses.replace(sel.strategy, name=name)

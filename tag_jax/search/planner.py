@@ -17,7 +17,7 @@ import numpy as np
 from tag_jax.hlo.graph import OpGraph
 from tag_jax.search.anneal import (Annealer, SearchResult, anneal_ops, candidate_meshes,
                                    device_orders)
-from tag_jax.strategy import MeshSpec
+from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
 
 SEED_PLANS = ("data_parallel", "fsdp", "megatron")
 
@@ -76,6 +76,14 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             score = _score(cost, memory_limit)
             seeds[f"{kind} {label}"] = cost.step_time_s
             scored.append((score, f"{kind} {label}", cost, strategy, ann, _start(ann, kind)))
+        if len(scored) == len(seeds) and not any(n.startswith("replicated") for n in seeds):
+            # Every device computing everything: no communication at all, which wins for small
+            # models on slow links (and any plan the annealer finds from it is priced alike).
+            strategy = replicated_strategy(graph, mesh)
+            cost = sim.cost(strategy)
+            seeds[f"replicated {label}"] = cost.step_time_s
+            scored.append((_score(cost, memory_limit), f"replicated {label}", cost, strategy, ann,
+                           tuple([0] * len(ann.groups) + [0])))
         if progress:
             _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
     if policy is not None:
@@ -162,6 +170,13 @@ def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dic
         name = f"policy {_mesh_label(ann.mesh)}"
         seeds[name] = cost.step_time_s
         scored.append((score, name, cost, strategy, ann, g.decision))
+
+
+def replicated_strategy(graph: OpGraph, mesh: MeshSpec) -> Strategy:
+    """Every argument replicated and every op's option 0 (full replication, always valid)."""
+    return Strategy(mesh, (0,) * len(graph.ops),
+                    tuple(TensorSharding.replicated(len(graph.tensors[t].shape)) for t in graph.inputs),
+                    name="replicated")
 
 
 def _start(ann: Annealer, kind: str) -> tuple[int, ...]:
