@@ -64,6 +64,11 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
                             f"'{topo.name}' describes only {topo.num_devices} devices")
 
     def planner(graph: OpGraph) -> Plan:
+        from tag_jax.multihost import agreed_plan
+
+        return agreed_plan(lambda: plan_here(graph), graph, topo)
+
+    def plan_here(graph: OpGraph) -> Plan:
         from tag_jax.cost.simulate import USABLE_MEMORY
         from tag_jax.emit.mesh import make_mesh
         from tag_jax.search.planner import search

@@ -233,6 +233,13 @@ class Plan:
         """
         with open(path) as f:
             d = json.load(f)
+        return cls.from_dict(d, fn, *args, topology=topology, graph=graph, source=path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: Any, fn: Callable | None = None, *args: Any, topology: Any = None,
+                  graph: OpGraph | None = None, source: str = "the plan", **kwargs: Any) -> "Plan":
+        """`load` from the dict `to_dict` made (e.g. received from another process)."""
+        path = source
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise PlanMismatchError(f"{path} is not a tag_jax plan (no \"format\": \"{FORMAT}\")")
         if d.get("version") != VERSION:

@@ -3,11 +3,11 @@
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR BUDGET_S
 
 Each process owns 4 CPU devices; together they are the 8 devices of the topology preset (node k =
-the devices of process k). Every process plans the same toy step on its own, twice: with no search
-time (no clock-bounded search, so deterministic) and with BUDGET_S seconds of search (bounded by
-wall-clock time, so the moves tried depend on the machine's load). It saves both plans, then runs
-one step under the plan of process 0, broadcast to all (so that all processes run one program even
-when their own searches disagreed), and saves the full results gathered from all processes.
+the devices of process k). Every process calls auto_shard on the same toy step twice: with no search
+time and with BUDGET_S seconds of search (bounded by wall-clock time; auto_shard plans on process
+0 and shares the plan, tag_jax/multihost.py). It saves both plans, then runs one step under
+process 0's saved plan broadcast by hand (the way a user sharing a plan file would), and saves the
+full results gathered from all processes.
 """
 from __future__ import annotations
 
