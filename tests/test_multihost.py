@@ -1,11 +1,10 @@
 """Two processes x 4 CPU devices, one `jax.distributed` job on 127.0.0.1 (tests/multihost_worker.py).
 
-Each process plans the toy MLP step itself. Checked: with no search time (time_budget_s=0: the
-seeds, or the policy's plan, and no clock-bounded search) both processes make the identical plan;
-the plan of process 0, broadcast and reloaded everywhere, runs one training step whose results span
-both processes' devices and equal the unsharded single-process step. Whether the processes' own
-searched plans agree is recorded as an expected failure: the search is bounded by wall-clock time,
-so busy processes try different numbers of moves.
+Each process calls auto_shard on the toy MLP step. Checked: with no search time and with a
+clock-bounded search both processes end on the identical plan (auto_shard plans on process 0 and
+shares it, tag_jax/multihost.py); the plan of process 0, broadcast by hand and reloaded everywhere,
+runs one training step whose results span both processes' devices and equal the unsharded
+single-process step.
 """
 import json
 import os
