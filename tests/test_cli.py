@@ -245,7 +245,7 @@ def test_usage_errors_are_one_line(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
 
 
-@pytest.mark.parametrize("command", ["plan", "compare", "topology"])
+@pytest.mark.parametrize("command", ["plan", "compare", "topology", "train-policy"])
 def test_each_command_help_has_an_example(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
@@ -253,6 +253,27 @@ def test_each_command_help_has_an_example(capsys, command):
     assert exit_.value.code == 0
     assert f"usage: tag-jax {command}" in out and "examples:" in out
     assert f"\n  tag-jax {command} " in out
+
+
+# ---- train-policy --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--problems", "1"], "--problems 1: need at least 2 (one is held out for validation)"),
+    (["--epochs", "0"], "--budget, --epochs and --max-minutes must be positive"),
+    (["--out", "/no/such/folder/w.npz"], "--out /no/such/folder/w.npz: folder /no/such/folder does not exist"),
+])
+def test_train_policy_bad_options(capsys, argv, message):
+    assert fails(capsys, "train-policy", *argv) == f"tag-jax train-policy: error: {message}"
+
+
+def test_train_policy_writes_weights_the_planner_loads(tmp_path, capsys):
+    from tag_jax.policy import Policy, resolve
+
+    out = tmp_path / "mine.npz"
+    rc, _, err = run(capsys, "train-policy", "--problems", "2", "--budget", "0.3", "--epochs", "1",
+                     "--out", str(out), "--cache", str(tmp_path / "cache"))
+    assert rc == 0 and out.exists() and "training" in err  # progress shown
+    assert isinstance(resolve(str(out)), Policy)
 
 
 # ---- the installed entry point -------------------------------------------------------------------

@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 
-from tag_jax.cli import compare, plan, topology
+from tag_jax.cli import compare, plan, topology, train_policy
 from tag_jax.cli.inputs import CLIError, one_line
 
-COMMANDS = (plan, compare, topology)
+COMMANDS = (plan, compare, topology, train_policy)
 PROG = "tag-jax"
 
 

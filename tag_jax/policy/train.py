@@ -11,6 +11,7 @@ About 20 minutes on two CPU cores with an empty cache, a few minutes with a full
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -115,16 +116,32 @@ def _metrics(evaluate, params, problems) -> dict:
             "mesh_accuracy": tot["mesh_hits"] / max(tot["meshes"], 1)}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tag_jax.policy.train", description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The retraining options (shared by `python -m tag_jax.policy.train` and `tag-jax train-policy`)."""
     ap.add_argument("--problems", type=int, default=180, help="random problems to search (cached)")
     ap.add_argument("--budget", type=float, default=3.0, help="teacher search seconds per problem")
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help=f"search cache (default {dataset.default_cache()})")
-    ap.add_argument("--out", default=store.DEFAULT_PATH)
+    ap.add_argument("--out", default=store.DEFAULT_PATH,
+                    help="where the weights go (default: the package's shipped weights)")
     ap.add_argument("--max-minutes", type=float, default=6.0, help="limit on the fitting stage")
-    args = ap.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line, or None."""
+    if args.problems < 2:
+        return f"--problems {args.problems}: need at least 2 (one is held out for validation)"
+    if args.budget <= 0 or args.epochs < 1 or args.max_minutes <= 0:
+        return "--budget, --epochs and --max-minutes must be positive"
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        return f"--out {args.out}: folder {out_dir} does not exist"
+    return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Search, featurise, fit and save; returns the training report."""
     t0 = time.perf_counter()
     records = dataset.generate(args.problems, args.seed, args.cache, args.budget)
     problems, t1 = [], time.perf_counter()
@@ -140,6 +157,17 @@ def main(argv=None) -> None:
     store.save(args.out, params, CONFIG, report)
     print("wrote", args.out, {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()},
           file=sys.stderr)
+    return report
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tag_jax.policy.train", description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    problem = check_arguments(args)
+    if problem:
+        ap.error(problem)
+    run(args)
 
 
 if __name__ == "__main__":
