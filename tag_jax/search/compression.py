@@ -580,13 +580,12 @@ def compressed_cost(graph: OpGraph, op_strategies, sim, strategy: Strategy,
 
 def _choices(graph, sim, cands, picks, priced, names, base_cost) -> tuple[CompressionChoice, ...]:
     """Per-gradient choices with their bytes and seconds saved; a gather shared by several
-    gradients is charged to the first of them."""
+    gradients is charged to the one whose reduction saves most (a kernel, not its bias)."""
     base = _reshard_map(base_cost)
     charged: set = set()
-    out = []
-    for xi, on in enumerate(picks):
-        if not on:
-            continue
+    out = {}
+    removed_bytes = {xi: sum(base[k][1] for k in priced[xi]["removed"]) for xi, on in enumerate(picks) if on}
+    for xi in sorted(removed_bytes, key=lambda i: -removed_bytes[i]):
         ci, method = names[xi]
         c, pr = cands[ci], priced[xi]
         rem_b = sum(base[k][1] for k in pr["removed"])
@@ -603,15 +602,15 @@ def _choices(graph, sim, cands, picks, priced, names, base_cost) -> tuple[Compre
                     rc = _row_sparse_cost(graph, graph.ops[s], c.axes, sim.mesh.axes)
                     add_b += sum(b for _, b in rc.collectives)
                     add_s += _collective_seconds(sim, rc.collectives, c.axes)
-            out.append(CompressionChoice(c.gradient, lossless_label(c), c.sources, c.axes,
-                                         int(rem_b - add_b), rem_s - add_s))
+            out[xi] = CompressionChoice(c.gradient, lossless_label(c), c.sources, c.axes,
+                                        int(rem_b - add_b), rem_s - add_s)
         else:
             lc = pr["lossy"]
             add_s = _collective_seconds(sim, lc.collectives, c.axes)
-            out.append(CompressionChoice(c.gradient, method, ((c.sources[0][0], method),), c.axes,
-                                         int(rem_b - sum(b for _, b in lc.collectives)), rem_s - add_s,
-                                         exact=False))
-    return tuple(out)
+            out[xi] = CompressionChoice(c.gradient, method, ((c.sources[0][0], method),), c.axes,
+                                        int(rem_b - sum(b for _, b in lc.collectives)), rem_s - add_s,
+                                        exact=False)
+    return tuple(out[xi] for xi in sorted(out))
 
 
 def select_compression(graph: OpGraph, op_strategies, strategy: Strategy, simulator, mode: str = "lossless", *,
