@@ -41,8 +41,11 @@ def test_auto_sharded_step_equals_unsharded_step(name):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     plan = step.plan(state, batch)
     assert plan.cost.peak_memory_bytes <= limit
-    fitting = [v for k, v in plan.search.seeds.items() if not k.startswith("replicated")]
-    assert plan.cost.step_time_s <= min(fitting) * (1 + 1e-9)
+    # never worse than a hand-written plan that fits the same memory
+    fitting = [c.step_time_s for c in (getattr(tag_jax.baselines, kind)(ex.step, _mesh(), topology=TOPO)
+                                       .plan(state, batch).cost for kind in ("data_parallel", "fsdp"))
+               if c.peak_memory_bytes <= limit]
+    assert fitting and plan.cost.step_time_s <= min(fitting) * (1 + 1e-9)
 
 
 def test_plan_is_deterministic_for_a_seed():
