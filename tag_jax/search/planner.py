@@ -20,6 +20,7 @@ from tag_jax.search.anneal import (Annealer, SearchResult, anneal_ops, candidate
 from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
 
 SEED_PLANS = ("data_parallel", "fsdp", "megatron")
+ILP_SHARE = 0.25  # of the time budget, for the ILP seed on the first mesh (skipped under 0.5 s)
 
 
 class PlanningError(ValueError):
@@ -86,7 +87,11 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                            tuple([0] * len(ann.groups) + [0])))
         if progress:
             _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
-    if policy is not None:
+    if ILP_SHARE * time_budget_s >= 0.5:
+        _add_ilp_seed(graph, topology, scored, seeds, ILP_SHARE * time_budget_s, memory_limit)
+        if progress:
+            _say(f"ILP seed: best {min(s[0] for s in scored):.4g} s", t0)
+    if policy is not None and time.perf_counter() - t0 < 0.6 * time_budget_s:
         _add_policy_seeds(policy, graph, topology, scored, seeds)
         if progress:
             _say(f"policy seeds: best {min(s[0] for s in scored):.4g} s", t0)
@@ -155,6 +160,25 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     return SearchResult(strategy=best_strategy, cost=best_cost, evaluations=evaluations,
                         seconds=time.perf_counter() - t0, seeds=seeds, decisions=decisions,
                         history=tuple(history))
+
+
+def _add_ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, time_limit_s: float,
+                  memory_limit: float | None) -> None:
+    """The Alpa-style ILP's plan (tag_jax.search.ilp) on the first seeded mesh joins the seeds: over
+    the same options it often beats the baselines by far (benchmarks/RESULTS.md), and annealing
+    can still improve it. Time-limited; no seed when nothing fits."""
+    from tag_jax.search.ilp import ilp_strategy
+
+    ann = scored[0][4]
+    try:
+        strategy, _ = ilp_strategy(graph, ann.op_strategies, topology, ann.mesh,
+                                   time_limit_s=time_limit_s, memory_limit=memory_limit)
+    except PlanningError:
+        return
+    cost = ann.sim.cost(strategy)
+    name = f"ilp {_mesh_label(ann.mesh)}"
+    seeds[name] = cost.step_time_s
+    scored.append((_score(cost, memory_limit), name, cost, strategy, ann, _start(ann, "data_parallel")))
 
 
 def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict) -> None:
