@@ -8,16 +8,8 @@ the predicted ones. Runs on 8 simulated CPU devices unless the environment alrea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-
-def _simulated_devices(n: int) -> None:
-    # Only this entry point does this; importing tag_jax never touches XLA_FLAGS (house rule 5).
-    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={n}").strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=7.0, help="search time budget, seconds")
     ap.add_argument("--save", default="plan.json", help="where to save the plan (JSON)")
     args = ap.parse_args(argv)
-    _simulated_devices(args.devices)
+    from tag_jax.cli import simulated_devices  # only entry points set XLA_FLAGS (house rule 5)
+
+    simulated_devices(args.devices)
 
     import tag_jax
     from tag_jax import models

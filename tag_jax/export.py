@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tag_jax.paths import nest
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
@@ -208,12 +210,5 @@ def _keyed(by_path: Mapping[str, PartitionSpec], subtree: str) -> dict[str, Part
 def _nest(flat: Mapping[str, PartitionSpec], plan, subtree: str) -> dict:
     if not flat:
         raise KeyError(f"no argument path of {plan.function} has a {subtree!r} component")
-    root: dict = {}
-    for path, spec in flat.items():
-        *head, last = path.split("/")
-        node = root
-        for w in head:
-            node = node.setdefault(w, {})
-        node[last] = spec
-    return root
+    return nest(flat)
 

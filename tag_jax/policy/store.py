@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from tag_jax.policy.features import SCHEMA_VERSION
+from tag_jax.paths import nest
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "weights", "policy.npz")
 
@@ -29,14 +30,7 @@ def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, v in flat.items():
-        *path, leaf = name.split("/")
-        node = tree
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
+    return nest(flat)
 
 
 def save(path: str, params, config: dict, meta: dict | None = None,
