@@ -18,6 +18,7 @@ import types
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -144,7 +145,8 @@ class Plan:
 
     # ---- reading ---------------------------------------------------------------------------
     def summary(self) -> str:
-        """A table of arguments (path, shape, spec, bytes per device), then the prediction."""
+        """A table of arguments (path, shape, spec, bytes per device), then the prediction and its
+        per-device breakdown (`device_breakdown`; like devices merged into one row past 16)."""
         spec = self.strategy.mesh
         axes = spec.axes
         lines = [f"Plan '{self.strategy.name}' for {self.function}: mesh "
@@ -174,8 +176,58 @@ class Plan:
                 f"  predicted: step {_seconds(c.step_time_s)} (compute {_seconds(c.compute_s)}, "
                 f"communication {_seconds(c.comm_s)}), {_bytes(c.comm_bytes)} sent per device, "
                 f"peak memory {_bytes(c.peak_memory_bytes)} per device")
+            lines.extend(self._device_lines())
         lines.extend(self._compression_lines())
         return "\n".join(lines)
+
+    def device_breakdown(self) -> tuple:
+        """Per-device rows (`tag_jax.cost.DeviceRow`, mesh order) of the predicted step: busy compute
+        at each device's own FLOP/s and memory bandwidth, idle time waiting for the slowest,
+        communication on its own groups, peak memory against its capacity
+        (`tag_jax.cost.breakdown`). Empty without a cost, graph or topology (e.g. a plan loaded
+        without its function)."""
+        if self.cost is None or self.graph is None or self.topology is None:
+            return ()
+        cached = self.__dict__.get("_breakdown")
+        if cached is None:
+            from tag_jax.cost import breakdown
+            from tag_jax.search.propagate import carried_outputs
+
+            cached = breakdown(self.graph, self.op_strategies, self.strategy, self.topology,
+                               self.cost, carried=carried_outputs(self.graph))
+            object.__setattr__(self, "_breakdown", cached)  # frozen: cache beside the fields
+        return cached
+
+    def _device_lines(self, max_rows: int = 16) -> list[str]:
+        """The per-device table; like devices are merged into one row when there are many."""
+        rows = self.device_breakdown()
+        if not rows:
+            return []
+        from tag_jax.cost import group_rows
+
+        grouped = len(rows) > max_rows
+        shown = group_rows(rows) if grouped else rows
+        head = ("  per device (busy: compute at its own FLOP/s and memory bandwidth; idle: waiting "
+                "for the slowest)")
+        if grouped:
+            head += f"; {len(rows)} devices, like devices merged"
+        table = [("device", "kind", "node", "busy", "idle", "communication", "comm bytes",
+                  "peak memory", "of memory")]
+        for r in shown:
+            comm = _seconds(r.comm_s)
+            if r.comm_s_min is not None and not math.isclose(r.comm_s_min, r.comm_s, rel_tol=1e-6):
+                comm = f"{_seconds(r.comm_s_min)}-{comm}"
+            dev = _ranges(r.devices) + (f" ({len(r.devices)})" if len(r.devices) > 1 else "")
+            table.append((dev, r.kind, _ranges(r.nodes), _seconds(r.compute_s), _seconds(r.idle_s),
+                          comm, _bytes(r.comm_bytes), _bytes(r.peak_memory_bytes),
+                          f"{_bytes(r.memory_bytes)} ({_percent(r.memory_fraction)})"))
+        widths = [max(len(t[k]) for t in table) for k in range(len(table[0]))]
+        left = 3  # device, kind, node: left-aligned; figures right-aligned
+        out = [head]
+        for t in table:
+            out.append("    " + "  ".join(x.ljust(w) if k < left else x.rjust(w)
+                                          for k, (x, w) in enumerate(zip(t, widths))).rstrip())
+        return out
 
     def _compression_lines(self) -> list[str]:
         """The per-gradient compression table (method, bytes saved per device)."""
@@ -338,6 +390,13 @@ class ShardedFunction:
     `planner(graph) -> Plan` makes the plan of a traced graph. Calls move arguments onto the plan's
     input shardings first (a no-op when they are already there), so the results of one step can be
     fed to the next whatever their layout.
+
+    `donate_argnums` works as `jax.jit`'s: the caller's jax Arrays in donated arguments are consumed
+    by the call and read as deleted afterwards (`x.is_deleted()`; using one raises jax's
+    deleted-array error), whether they came in the plan's layout (their buffers are donated to the
+    program) or not (they are copied to the plan's layout, the copy is donated and the originals
+    are deleted once the copies are made, so the step never holds both). NumPy arrays and Python
+    scalars are left alone, and so is an array that is also passed in a non-donated argument.
     """
 
     def __init__(self, fn: Callable, planner: Callable[[OpGraph], Plan], *,
@@ -376,14 +435,50 @@ class ShardedFunction:
     def __call__(self, *args: Any) -> Any:
         program = self.program(*args)
         plan = self.plan(*args)
-        args = tuple(jax.device_put(a, s) for a, s in zip(args, plan.in_shardings))
-        return program(*args)
+        donated = _argnums(self.donate_argnums, len(args))
+        stale: list = []  # donated caller arrays that were copied to the plan's layout
+        placed = []
+        for k, (a, s) in enumerate(zip(args, plan.in_shardings)):
+            placed.append(_put_donated(a, s, stale) if k in donated else jax.device_put(a, s))
+        if stale:
+            kept = {id(x) for k, a in enumerate(args) if k not in donated
+                    for x in jax.tree_util.tree_leaves(a)}
+            for x in stale:
+                if id(x) not in kept and not x.is_deleted():
+                    x.delete()
+        return program(*placed)
 
     def __repr__(self) -> str:
         return f"ShardedFunction({self.__name__}, {len(self._plans)} plan(s))"
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _argnums(argnums: int | Sequence[int], n: int) -> set[int]:
+    """`donate_argnums` as a set of non-negative positions among `n` arguments."""
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    return {k + n if k < 0 else k for k in nums}
+
+
+def _put_donated(arg: Any, shardings: Any, stale: list) -> Any:
+    """A donated argument on the plan's shardings: leaves already there keep their buffers (the
+    program's donation consumes them); other jax Arrays are copied there and listed in `stale`."""
+    leaves, tree = jax.tree_util.tree_flatten(arg)
+    targets = tree.flatten_up_to(shardings)
+    out = []
+    for x, s in zip(leaves, targets):
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            out.append(jax.device_put(x, s))
+        elif x.sharding.is_equivalent_to(s, x.ndim):  # the same buffers (relabelled if need be)
+            out.append(jax.device_put(x, s))
+        else:
+            # device_put may keep x's own buffer for a shard (even with may_alias=False, e.g. one
+            # device -> replicated), and the program may hand an input back as an output: reshard a
+            # private copy, so deleting x can never reach the program's arguments or results
+            out.append(jax.device_put(jnp.copy(x), s))
+            stale.append(x)
+    return jax.tree_util.tree_unflatten(tree, out)
+
 
 def _match_choices(graph, op_strategies, choices, names, path) -> tuple[int, ...]:
     """The saved choices, re-found by option name when the rules list options in another order."""
@@ -429,6 +524,22 @@ def _bytes(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def _percent(x: float) -> str:
+    p = 100 * x
+    return f"{p:.0f}%" if p >= 10 or p == 0 else f"{p:.2g}%"
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """0,1,2,3,6 -> '0-3,6' (order kept, consecutive runs joined)."""
+    parts: list[list[int]] = []
+    for i in ids:
+        if parts and i == parts[-1][1] + 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
 
 
 def _seconds(s: float) -> str:
