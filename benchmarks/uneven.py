@@ -5,7 +5,7 @@ Usage: python benchmarks/uneven.py [--budget 5] [--topologies tag-hetero,4xa100-
 
 For each (model, topology): the planner's best single-SPMD plan (`tag_jax.search.planner.search`,
 `--budget` seconds) and the best uneven plan (`tag_jax.uneven.plan_uneven`: device groups by kind
-and node, shares from the MILP, priced exactly), both priced by the same simulator. The zoo's steps
+and node, shares from the MILP, the layout and kind of group program, priced exactly), both priced by the same simulator. The zoo's steps
 become `UnevenStep`s through their Task (loss over {"params", other collections}, AdamW); models
 with BatchNorm (resnet, vgg if any) or capacity-based routing (moe) compute their statistics per
 group when split, so their split step is not the same function: priced, not claimed exact.
@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     header = ("| model | topology | single SPMD s | SPMD plan | uneven s | ratio | groups: share (per device) | "
-              "group time s | idle s | combine s | apply s | chosen | uneven plan s |")
-    lines = [header, "|" + "---|" * 13]
+              "group time s | idle s | layout | combine s | apply s | chosen | uneven plan s |")
+    lines = [header, "|" + "---|" * 14]
     print(header, flush=True)
     ratios: dict[str, list[float]] = {}
     for case in args.models.split(","):
@@ -80,7 +80,7 @@ def main() -> None:
             t1 = time.perf_counter() - t0
             if p is None:
                 row = (f"| {name}-{size} | {topo_name} | {spmd_s:.4f} | {choice.spmd.strategy.name} | - | "
-                       f"- | {choice.why} | | | | | spmd | {t1:.1f} |")
+                       f"- | {choice.why} | | | | | | spmd | {t1:.1f} |")
                 ratio = 1.0
             else:
                 ratio = spmd_s / p.step_time_s
@@ -90,7 +90,7 @@ def main() -> None:
                 times = ", ".join(f"{g.time_s:.4f}" for g in p.groups)
                 idle = ", ".join(f"{g.idle_s:.4f}" for g in p.groups)
                 row = (f"| {name}-{size} | {topo_name} | {spmd_s:.4f} | {choice.spmd.strategy.name} | "
-                       f"{p.step_time_s:.4f} | {ratio:.2f}x | {shares} | {times} | {idle} | "
+                       f"{p.step_time_s:.4f} | {ratio:.2f}x | {shares} | {times} | {idle} | L={p.local} {p.group_program} | "
                        f"{p.combine_s:.4f} | {p.apply_s:.4f} | {choice.kind} | {t1:.1f} |")
             # the chosen plan is never slower than single SPMD (auto_shard picks the faster)
             ratios.setdefault(topo_name, []).append(max(1.0, ratio))
@@ -108,9 +108,18 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write("# Uneven plans vs single SPMD: predicted step time (simulator)\n\n")
             f.write(f"Command: `{cmd}` (8 devices of each preset; 2-core machine; nothing compiled)\n\n")
-            f.write("Uneven step = slowest group's gradient program + combining all-reduce over the "
-                    "groups' devices + AdamW update (not overlapped). Group programs are per-device "
-                    "gradients at the local batch (no collective); see tag_jax/uneven/price.py.\n\n")
+            f.write("Uneven step = slowest group's program + combining program + AdamW update (not "
+                    "overlapped). Layout (`tag_jax/uneven/layout.py`, column layout: L): the state "
+                    "is sharded over sub-groups of L devices of one group; a group program all-gathers "
+                    "the parameters within its sub-groups, then computes per-device gradients at the "
+                    "local batch; the combine reduce-scatters within sub-groups and all-reduces the "
+                    "1/L shards across them; the update runs on the shards. L = 1: replicated state, "
+                    "one flat all-reduce, replicated update. Group programs (column layout): `rows` = "
+                    "per-device gradients (shard_map, no collective but the parameter gather), "
+                    "reduced in the combine; `spmd` = each group one data-parallel SPMD program of "
+                    "its own (`tag_jax/uneven/group_spmd.py`, priced by the simulator with its "
+                    "in-group all-reduce overlapped), the combine then only all-reduces the 1/L "
+                    "chunks across sub-groups. See tag_jax/uneven/price.py.\n\n")
             f.write("\n".join(lines + summary) + "\n")
 
 

@@ -16,7 +16,7 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
                time_budget_s: float = 7.0, memory_limit: float | None = None, seed: int = 0,
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
                progress: bool = False, compiler_options=None, policy="default",
-               compression: str = "lossless") -> ShardedFunction:
+               compression: str = "lossless", uneven: bool | str = "auto") -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
 
     `mesh`: a `jax.sharding.Mesh` (its axes and shape are kept; the planner chooses which device sits
@@ -32,7 +32,14 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     `compression`: "lossless" (default) lets `tag_jax.search.compression` choose per gradient among
     the plain reduction, SFB and row-sparse exchange (never a slower plan than without), "lossy"
     also allows bf16/int8 psums (results change), "none" turns it off.
+    `uneven`: for a step made by `tag_jax.uneven.split_step` (an `UnevenStep`), "auto" (default)
+    also plans uneven work across groups of like devices on heterogeneous devices and runs it where
+    the simulator prices it faster than one SPMD program; True always runs the uneven plan, False
+    never (`tag_jax.uneven.auto`). Plain functions get one SPMD program.
     """
+    from tag_jax.uneven.auto import check_uneven
+
+    use_uneven = check_uneven(fn, uneven)
     from tag_jax.search.compression import check_mode
 
     check_mode(compression)
@@ -102,4 +109,10 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         object.__setattr__(plan, "search", result)  # how the plan was found, for summaries
         return plan
 
-    return ShardedFunction(fn, planner, donate_argnums=donate_argnums, compiler_options=compiler_options)
+    spmd = ShardedFunction(fn, planner, donate_argnums=donate_argnums, compiler_options=compiler_options)
+    if not use_uneven:
+        return spmd
+    from tag_jax.uneven.auto import UnevenFunction
+
+    return UnevenFunction(fn, spmd, topo, device_ids, mode=uneven, memory_limit=memory_limit,
+                          compiler_options=compiler_options)

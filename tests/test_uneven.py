@@ -29,21 +29,21 @@ def _problem(n=40):
     return uneven.split_step(_loss, tx, has_aux=True), uneven.init_state(params, tx), batch
 
 
-def _plan(groups, shares, n):
+def _plan(groups, shares, n, local=1):
     return UnevenPlan(tuple(GroupShare(g, k, 0.0, 0.0, 0) for g, k in zip(groups, shares)), n,
-                      0.0, 0, 0.0)
+                      0.0, 0, 0.0, local=local)
 
 
 CPU_GROUPS = {"6+2": ((0, 1, 2, 3, 4, 5), (6, 7), (24, 16)),
               "4+4": ((0, 1, 2, 3), (4, 5, 6, 7), (32, 8))}
 
 
-@pytest.mark.parametrize("case", sorted(CPU_GROUPS))
-def test_split_step_equals_unsplit_step(case):
+@pytest.mark.parametrize("case,local", [("6+2", 1), ("4+4", 1), ("6+2", 2), ("4+4", 4)])
+def test_split_step_equals_unsplit_step(case, local):
     a, b, shares = CPU_GROUPS[case]
     step, state, batch = _problem(sum(shares))
     groups = (uneven.Group("a", "cpu", a), uneven.Group("b", "cpu", b))
-    program = uneven.UnevenProgram(step, _plan(groups, shares, sum(shares)))
+    program = uneven.UnevenProgram(step, _plan(groups, shares, sum(shares), local))
     new, metrics = program(program.shard_state(state), batch)
     ref, ref_metrics = jax.jit(step.reference)(state, batch)
     for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
@@ -58,21 +58,57 @@ def test_split_step_equals_unsplit_step(case):
                                rtol=1e-5, atol=1e-7)
 
 
-def test_compiled_collectives_match_prediction_per_program():
+@pytest.mark.parametrize("local", [1, 2])
+def test_compiled_collectives_match_prediction_per_program(local):
     step, state, batch = _problem(40)
     topo = tag_jax.Topology.detect()
     groups = (uneven.Group("a", "cpu", (0, 1, 2, 3, 4, 5)), uneven.Group("b", "cpu", (6, 7)))
-    plan = uneven.plan_uneven(step, state, batch, topo, groups=groups)
+    plan = uneven.plan_uneven(step, state, batch, topo, groups=groups, local=local, group_program="rows")
     assert plan.shares[0] % 6 == 0 and plan.shares[1] % 2 == 0 and sum(plan.shares) == 40
+    assert plan.local == local and plan.group_program == "rows"
     program = uneven.UnevenProgram(step, plan)
     predicted = program.predicted_collectives()
     compiled = program.compiled(state, batch)
     assert set(compiled) == set(predicted) == {"group a", "group b", "combine", "apply"}
     grads_bytes = 4 * (16 * 32 + 32 + 32 * 8 + 2)  # gradients and the two metrics, float32
-    assert predicted["combine"] == {"all-reduce": grads_bytes}
+    if local == 1:
+        assert predicted["combine"] == {"all-reduce": grads_bytes}
+        assert predicted["group a"] == {}
+    else:  # every weight has an even dimension: reduce-scatter within pairs, all-reduce of halves
+        assert predicted["combine"] == {"reduce-scatter": (grads_bytes - 8) // 2,
+                                        "all-reduce": (grads_bytes - 8) // 2 + 8}
+        assert predicted["group a"] == {"all-gather": grads_bytes - 8}  # the parameters, whole
     for name, c in compiled.items():
         real = {k: v for k, v in collective_bytes_by_kind(collectives(c)).items() if v}
         assert real == predicted[name], name
+
+
+@pytest.mark.parametrize("groups,local", [(((0, 1, 2, 3, 4, 5), (6, 7)), 2), (((0, 1, 2, 3), (4, 5, 6, 7)), 4),
+                                          (((0, 1, 2, 3), (4, 5, 6, 7)), 1)])
+def test_spmd_group_programs_exact_and_faithful(groups, local):
+    """Each group one SPMD program of its own (gradients reduced inside the group), the combine
+    only across sub-groups: the same update as the unsplit step, and every program's compiled
+    collectives as predicted (the group programs' by the simulator)."""
+    step, state, batch = _problem(48)
+    topo = tag_jax.Topology.detect()
+    gs = tuple(uneven.Group(n, "cpu", ids) for n, ids in zip("ab", groups))
+    plan = uneven.plan_uneven(step, state, batch, topo, groups=gs, local=local, group_program="spmd")
+    assert plan.group_program == "spmd" and plan.local == local and sum(plan.shares) == 48
+    program = uneven.UnevenProgram(step, plan)
+    new, metrics = program(program.shard_state(state), batch)
+    ref, ref_metrics = jax.jit(step.reference)(state, batch)
+    for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    predicted = program.predicted_collectives()
+    compiled = program.compiled(state, batch)
+    assert set(compiled) == set(predicted) == {"group a", "group b", "combine", "apply"}
+    grads_bytes = 4 * (16 * 32 + 32 + 32 * 8 + 2)
+    if local > 1:  # only the chunks cross between sub-groups
+        assert predicted["combine"] == {"all-reduce": (grads_bytes - 8) // local + 8}
+    for name, c in compiled.items():
+        real = {k: v for k, v in collective_bytes_by_kind(collectives(c)).items() if v}
+        assert real == predicted[name], name
+    assert "SPMD program per group" in plan.summary()
 
 
 def test_shares_two_groups_closed_form():
@@ -140,6 +176,103 @@ def test_errors_name_the_problem():
     program = uneven.UnevenProgram(step, _plan(groups, (24, 16), 40))
     with pytest.raises(uneven.UnevenError, match="splits a batch of 40 examples"):
         program(state, {"x": batch["x"][:20], "y": batch["y"][:20]})
+
+
+# ---- through the main API: tag_jax.auto_shard(step, ..., uneven=...) ----
+
+def _hetero_cpu_topology():
+    """4 fast + 4 slow devices on two nodes, slowed 10^5-fold so that the toy problem's compute,
+    not link latency, decides the shares (the 8 CPU devices stand for them)."""
+    d = tag_jax.Topology.preset("4xa100-4xv100").to_dict()
+    for dev in d["devices"]:
+        for k in ("flops", "flops_fp32", "memory_bandwidth"):
+            dev[k] /= 1e5
+    d["name"] = "slow-4xa100-4xv100"
+    return tag_jax.Topology.from_json(d)
+
+
+def test_auto_shard_uneven_equals_unsplit_step():
+    step, state, batch = _problem(64)
+    topo = _hetero_cpu_topology()  # 8 CPU devices described as 4 A100 + 4 V100
+    fn = tag_jax.auto_shard(step, jax.devices(), topology=topo, uneven=True, time_budget_s=0.5)
+    plan = fn.plan(state, batch)
+    assert isinstance(plan, UnevenPlan)
+    assert [g.group.name for g in plan.groups] == ["a100@node0", "v100@node1"]
+    assert sum(plan.shares) == 64 and plan.shares[0] >= plan.shares[1]
+    text = plan.summary()
+    assert "a100@node0" in text and "v100@node1" in text and "idle" in text
+    new, metrics = fn(state, batch)
+    ref, ref_metrics = jax.jit(step)(state, batch)  # an UnevenStep is also the whole step
+    for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.asarray(new["params"]["w1"]), np.asarray(state["params"]["w1"]))
+    new2, _ = fn(new, batch)  # the next step starts from the uneven program's own layout
+    ref2, _ = jax.jit(step)(ref, batch)
+    np.testing.assert_allclose(np.asarray(new2["params"]["w2"]), np.asarray(ref2["params"]["w2"]),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_auto_shard_uneven_false_and_auto_choices():
+    step, state, batch = _problem(64)
+    topo = _hetero_cpu_topology()
+    spmd = tag_jax.auto_shard(step, jax.devices(), topology=topo, uneven=False, time_budget_s=0.5)
+    assert isinstance(spmd.plan(state, batch), tag_jax.Plan)
+    auto = tag_jax.auto_shard(step, jax.devices(), topology=topo, time_budget_s=0.5)  # "auto"
+    chosen = auto.plan(state, batch)
+    spmd_s = auto.spmd.plan(state, batch).cost.step_time_s
+    if isinstance(chosen, UnevenPlan):
+        assert chosen.step_time_s < spmd_s and chosen.spmd_step_time_s == pytest.approx(spmd_s)
+        assert "one SPMD program would take" in chosen.summary()
+    else:
+        assert isinstance(chosen, tag_jax.Plan)
+    assert auto.why(state, batch).startswith("uneven plan" if isinstance(chosen, UnevenPlan) else "one SPMD")
+    new, _ = auto(state, batch)
+    ref, _ = jax.jit(step)(state, batch)
+    np.testing.assert_allclose(np.asarray(new["params"]["w1"]), np.asarray(ref["params"]["w1"]),
+                               rtol=1e-5, atol=1e-6)
+    # one kind of device: "auto" keeps one SPMD program without planning uneven work
+    same = tag_jax.auto_shard(step, jax.devices(), topology=tag_jax.Topology.preset("2x4-v100-25gbe"),
+                              time_budget_s=0.5)
+    assert isinstance(same.plan(state, batch), tag_jax.Plan)
+    assert "one kind" in same.why(state, batch)
+
+
+def test_auto_shard_uneven_flax_train_state():
+    from flax import linen as nn
+    from flax.training import train_state
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="fc2")(jnp.tanh(nn.Dense(32, name="fc1")(x)))
+
+    def loss_fn(apply_fn, params, batch):
+        logits = apply_fn({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    _, _, batch = _problem(64)
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    step = uneven.split_train_state(loss_fn)
+    fn = tag_jax.auto_shard(step, jax.devices(), topology=_hetero_cpu_topology(), uneven=True,
+                            time_budget_s=0.5)
+    assert isinstance(fn.plan(state, batch), UnevenPlan)
+    new, metrics = fn(state, batch)
+    ref, ref_metrics = jax.jit(step)(state, batch)
+    for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 1
+
+
+def test_auto_shard_uneven_errors():
+    with pytest.raises(uneven.UnevenError, match=r"split_step\(loss_fn, optimizer\)"):
+        tag_jax.auto_shard(lambda state, batch: state, jax.devices(), uneven=True)
+    with pytest.raises(ValueError, match="pass 'auto'"):
+        tag_jax.auto_shard(lambda state, batch: state, jax.devices(), uneven="yes")
+    # a plain function with the default "auto" is an ordinary ShardedFunction
+    from tag_jax.plan import ShardedFunction
+    assert isinstance(tag_jax.auto_shard(lambda s, b: s, jax.devices()), ShardedFunction)
 
 
 # ---- the same plan under jax.distributed: 2 processes x 4 CPU devices, a group spanning both ----

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from tag_jax.uneven.groups import Group
 
@@ -13,6 +14,8 @@ class GroupShare:
     time_s: float            # predicted time of the group's program
     idle_s: float            # waiting for the slowest group before the combining program
     peak_memory_bytes: int   # per device, with the state it holds
+    collective_pairs: tuple[tuple[str, int], ...] = ()  # per device, by kind, its program's
+    strategy: Any = dataclasses.field(default=None, compare=False, repr=False)  # mode "spmd"
 
     @property
     def local_batch(self) -> int:
@@ -32,6 +35,25 @@ class UnevenPlan:
     left_out: tuple[Group, ...] = ()
     relaxed: tuple[float, ...] = ()  # the LP relaxation's continuous shares
     topology_name: str = ""
+    local: int = 1            # sub-group size of the layout (`tag_jax.uneven.layout`); 1 = flat
+    gather_pairs: tuple[tuple[str, int], ...] = ()    # per device, each group program's collectives
+    combine_pairs: tuple[tuple[str, int], ...] = ()   # per device, the combining program's, by kind
+    spmd_step_time_s: float | None = None  # the best single-SPMD plan's, when compared
+    group_program: str = "rows"  # "rows": per-device gradients; "spmd": `group_spmd` programs
+
+    @property
+    def gather(self) -> dict[str, int]:
+        return dict(self.gather_pairs)
+
+    @property
+    def combine_kinds(self) -> dict[str, int]:
+        if not self.combine_pairs and self.combine_bytes:
+            return {"all-reduce": self.combine_bytes}
+        return dict(self.combine_pairs)
+
+    def compared_with(self, spmd_step_time_s: float) -> "UnevenPlan":
+        """This plan, noting the single-SPMD step time it is compared with (shown by `summary`)."""
+        return dataclasses.replace(self, spmd_step_time_s=float(spmd_step_time_s))
 
     @property
     def groups_s(self) -> float:
@@ -67,6 +89,28 @@ class UnevenPlan:
         for g in self.left_out:
             lines.append(f"  {g.name:<16} {','.join(map(str, g.device_ids)):<18} {0:>6}  "
                          "(left out: slower with it than without)")
-        lines.append(f"  combine: all-reduce of {_bytes(self.combine_bytes)} per device over "
-                     f"{len(self.device_ids)} devices")
+        n = len(self.device_ids)
+        if self.group_program == "spmd":
+            lines.append(f"  group programs: one SPMD program per group on (data, local={self.local}) "
+                         "sub-meshes, gradients reduced within the group")
+            for g in self.groups:
+                kinds = ", ".join(f"{k} {_bytes(v)}" for k, v in g.collective_pairs if v) or "none"
+                lines.append(f"    {g.group.name}: collectives per device: {kinds}")
+            lines.append(f"  combine: all-reduce of {_bytes(self.combine_kinds.get('all-reduce', 0))} "
+                         f"per device across {n // self.local} sub-groups; the update runs on "
+                         f"1/{self.local} shards")
+        elif self.local > 1:
+            kinds = self.combine_kinds
+            lines.append(f"  layout: state sharded over sub-groups of {self.local} device(s); each group "
+                         f"program all-gathers {_bytes(self.gather.get('all-gather', 0))} of parameters "
+                         f"within its sub-groups; the optimizer update runs on 1/{self.local} shards")
+            lines.append(f"  combine: reduce-scatter of {_bytes(kinds.get('reduce-scatter', 0))} per "
+                         f"device within sub-groups, all-reduce of {_bytes(kinds.get('all-reduce', 0))} "
+                         f"across {n // self.local} sub-groups")
+        else:
+            lines.append(f"  combine: all-reduce of {_bytes(self.combine_bytes)} per device over "
+                         f"{n} devices; state replicated")
+        if self.spmd_step_time_s is not None:
+            lines.append(f"  one SPMD program would take {_seconds(self.spmd_step_time_s)}: uneven "
+                         f"{self.spmd_step_time_s / self.step_time_s:.2f}x")
         return "\n".join(lines)

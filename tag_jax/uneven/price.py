@@ -82,6 +82,7 @@ class Pricer:
         self.combined_bytes = tuple(int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
         resident = _nbytes(self.state) - _nbytes(self.inputs)
         self.resident_bytes = max(0, int(resident))  # state the group program does not read
+        self.inputs_bytes = _nbytes(self.inputs)
 
     # ---- group programs ---------------------------------------------------------------------
     def local_graph(self, b: int):
@@ -104,12 +105,49 @@ class Pricer:
         key = (b, kind.kind, kind.flops_fp32, kind.memory_bandwidth)
         if key not in self._costs:
             cost = _replicated_cost(self.local_graph(b), self.topology, device_id)
-            self._costs[key] = Probe(b, cost.step_time_s, cost.peak_memory_bytes + self.resident_bytes)
+            self._costs[key] = Probe(b, cost.step_time_s, cost.peak_memory_bytes)
         return self._costs[key]
 
-    def group_model(self, group: Group, probes: tuple[int, int], memory_limit: float | None) -> GroupModel:
+    def group_probe(self, b: int, group: Group, local: int = 1, mode: str = "rows") -> Probe:
+        """The group program at local batch b in the layout of sub-groups of `local`.
+
+        mode "rows": the gradient work, after all-gathering the sharded parameters within the
+        sub-groups (not overlapped); memory: the work's peak plus the state this device keeps
+        (1/local of it when sharded). mode "spmd": the simulator's cost of the group's own SPMD
+        program (`group_spmd`) at share b x |g|, plus the optimizer state this device keeps."""
+        if mode == "spmd":
+            gs = self.group_strategy(b, group, local)
+            extra = 0 if local == 1 else (self.resident_bytes + self.inputs_bytes) // local
+            return Probe(b, gs.cost.step_time_s + self.gather_s(group, local),
+                         gs.cost.peak_memory_bytes + (self.resident_bytes if local == 1 else extra))
+        p = self.probe(b, group.device_ids[0])
+        extra = self.resident_bytes if local == 1 else (self.resident_bytes + self.inputs_bytes) // local
+        return Probe(b, p.time_s + self.gather_s(group, local), p.peak_memory_bytes + extra)
+
+    def group_strategy(self, b: int, group: Group, local: int):
+        """`group_spmd.GroupStrategy` of the group at local batch b (memoised)."""
+        from tag_jax.uneven.group_spmd import group_strategy
+
+        key = ("spmd", b, group.device_ids, local)
+        if key not in self._costs:
+            self._costs[key] = group_strategy(self.local_graph(b * group.size), self.topology, group, local)
+        return self._costs[key]
+
+    def gather_s(self, group: Group, local: int) -> float:
+        from tag_jax.uneven import layout
+
+        if local == 1:
+            return 0.0
+        rows = layout.sub_groups([group.device_ids], local)
+        return sum(max(self.topology.collective_time("all-gather", layout.nbytes(x.shape, x.dtype), r)
+                       for r in rows)
+                   for x in jax.tree_util.tree_leaves(self.inputs)
+                   if layout.shard_dim(x.shape, local) is not None)
+
+    def group_model(self, group: Group, probes: tuple[int, int], memory_limit: float | None,
+                    local: int = 1, mode: str = "rows") -> GroupModel:
         """Time (and memory) of the group as a straight line in its share, through two probes."""
-        lo, hi = (self.probe(b, group.device_ids[0]) for b in probes)
+        lo, hi = (self.group_probe(b, group, local, mode) for b in probes)
         db = hi.local_batch - lo.local_batch
         slope = max(0.0, (hi.time_s - lo.time_s) / db)
         fixed = max(0.0, lo.time_s - slope * lo.local_batch)
@@ -124,13 +162,41 @@ class Pricer:
         return GroupModel(group.name, fixed, slope / group.size, group.size, max_share)
 
     # ---- combining and apply programs ---------------------------------------------------------
-    def combine_s(self, device_ids: Sequence[int]) -> float:
-        return sum(self.topology.collective_time("all-reduce", b, tuple(device_ids))
-                   for b in self.combined_bytes)
+    def combine_s(self, device_ids: Sequence[int], groups: Sequence[Group] = (), local: int = 1,
+                  reduced: bool = False) -> float:
+        """The combining program: one all-reduce per buffer of leaves (local = 1), or per buffer of
+        leaves (`layout.buckets`) a reduce-scatter within the sub-groups and an all-reduce of the
+        shards across them; the `local` rings across sub-groups run at once, so where they leave a
+        node they share its NICs. `reduced`: the groups' programs reduced their gradients already
+        (mode "spmd"): no reduce-scatter within the sub-groups."""
+        from tag_jax.uneven import layout
 
-    def apply_probe(self, device_id: int) -> Probe:
+        ids = tuple(device_ids)
+        if local == 1 and not reduced:
+            return sum(self.topology.collective_time("all-reduce", b, ids)
+                       for _, b in layout.combine_buffers(self.combined, 1))
+        rows = layout.sub_groups([g.device_ids for g in groups], local)
+        cols = [tuple(r[c] for r in rows) for c in range(local)]
+        topo = self.topology
+        share = [max(1.0, local / topo.nics_per_node)
+                 if len({topo.device(i).node for i in col}) > 1 else 1.0 for col in cols]
+        t = 0.0
+        for sharded, b in layout.combine_buffers(self.combined, local):
+            if not sharded:
+                t += topo.collective_time("all-reduce", b, ids)
+                continue
+            if not reduced:
+                t += max(topo.collective_time("reduce-scatter", b / local, r) for r in rows)
+            t += max(topo.collective_time("all-reduce", b / local * k, col) for col, k in zip(cols, share))
+        return t
+
+    def apply_probe(self, device_id: int, local: int = 1) -> Probe:
+        """The optimizer update on one device's shards (the whole state when local = 1)."""
+        from tag_jax.uneven import layout
+
         d = self.topology.device(device_id)
-        if d.kind not in self._apply:
+        key = (d.kind, local)
+        if key not in self._apply:
             from tag_jax.hlo.trace import trace
 
             apply_fn = self.step.apply_fn
@@ -139,13 +205,14 @@ class Pricer:
                 return apply_fn(state, grads)
 
             apply_update.__name__ = f"{self.step.name}_apply"
-            graph = self._apply.get("graph")
+            graph = self._apply.get(("graph", local))
             if graph is None:
-                graph = self._apply["graph"] = trace(apply_update, self.state, self.combined[0],
-                                                     roles={"grads": "gradient"})
+                graph = self._apply[("graph", local)] = trace(
+                    apply_update, layout.local_abstract(self.state, local),
+                    layout.local_abstract(self.combined[0], local), roles={"grads": "gradient"})
             cost = _replicated_cost(graph, self.topology, device_id)
-            self._apply[d.kind] = Probe(0, cost.step_time_s, cost.peak_memory_bytes)
-        return self._apply[d.kind]
+            self._apply[key] = Probe(0, cost.step_time_s, cost.peak_memory_bytes)
+        return self._apply[key]
 
 
 def _replicated_cost(graph, topology, device_id: int):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+
+import jax
 from typing import Any, Sequence
 
 from tag_jax.uneven.groups import Group, check_groups, device_groups
@@ -24,13 +26,21 @@ MAX_SUBSET_GROUPS = 8  # 255 sets: each a MILP of a few variables
 def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: Sequence[int] | None = None,
                 *, groups: Sequence[Group] | None = None, by: str = "node",
                 memory_limit: float | None = None, leave_out: bool | None = None,
-                pricer: Pricer | None = None) -> UnevenPlan:
+                pricer: Pricer | None = None, local: int | None = None,
+                group_program: str | None = None) -> UnevenPlan:
     """The fastest uneven plan of `step` on these devices (abstract state and batch are fine).
 
     `groups`: fixed groups (default: `device_groups(topology, device_ids, by=by)`). `leave_out`:
     may groups get no share (default: yes for automatic groups, no for fixed ones).
     `memory_limit`: bytes per device (default: `USABLE_MEMORY` x each group's device memory).
+    `local`: the sub-group size of the layout (`tag_jax.uneven.layout`; default: the fastest of
+    those dividing every group taking part; 1 = replicated state, flat combine).
+    `group_program`: "rows" (per-device gradients, `program`), "spmd" (each group one SPMD
+    program, `group_spmd`) or None (default: the faster).
     """
+    if group_program not in (None, "rows", "spmd"):
+        raise ValueError(f"plan_uneven(group_program={group_program!r}): 'rows', 'spmd' or None")
+    modes = ("rows", "spmd") if group_program is None else (group_program,)
     from tag_jax.cost.simulate import USABLE_MEMORY
 
     pricer = pricer or Pricer(step, state, batch, topology)
@@ -43,7 +53,6 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
     probes = (max(1, even // 2), max(max(1, even // 2) + 1, 2 * even))
     limits = {g.name: memory_limit if memory_limit is not None else
               USABLE_MEMORY * min(topology.device_memory(i) for i in g.device_ids) for g in groups}
-    models = {g.name: pricer.group_model(g, probes, limits[g.name]) for g in groups}
     if len(groups) > MAX_SUBSET_GROUPS and leave_out:
         raise UnevenError(f"{len(groups)} device groups are too many to try every subset "
                           f"(at most {MAX_SUBSET_GROUPS}); pass groups=... or leave_out=False")
@@ -52,7 +61,7 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
     best, first_error = None, None
     for chosen in sets:
         try:
-            plan = _priced(pricer, chosen, [models[g.name] for g in chosen], limits, n, topology)
+            plan = _best_layout(pricer, chosen, probes, limits, n, topology, local, modes)
         except (SharesError, UnevenError) as e:
             first_error = first_error or e
             continue
@@ -68,20 +77,71 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
                                topology_name=topology.name)
 
 
-def _priced(pricer: Pricer, chosen, models, limits, n: int, topology) -> UnevenPlan | None:
+def _best_layout(pricer: Pricer, chosen, probes, limits, n: int, topology, local,
+                 modes=("rows", "spmd")) -> UnevenPlan | None:
+    """The fastest layout for this set of groups (or the one asked for, if it divides them)."""
+    from tag_jax.uneven.layout import local_sizes
+
+    sizes = local_sizes([g.size for g in chosen])
+    if local is not None:
+        if local not in sizes:
+            raise UnevenError(f"sub-groups of {local} device(s) do not divide the groups "
+                              f"{[(g.name, g.size) for g in chosen]}; use one of {list(sizes)}")
+        sizes = (local,)
+    best, error = None, None
+    for L, mode in [(L, m) for L in sizes for m in modes]:
+        try:
+            models = [pricer.group_model(g, probes, limits[g.name], L, mode) for g in chosen]
+            plan = _priced(pricer, chosen, models, limits, n, topology, L, mode)
+        except (SharesError, UnevenError) as e:
+            error = error or e
+            continue
+        if plan is not None and (best is None or plan.step_time_s < best.step_time_s):
+            best = plan
+    if best is None and error is not None:
+        raise error
+    return best
+
+
+def _priced(pricer: Pricer, chosen, models, limits, n: int, topology, local: int = 1,
+            mode: str = "rows") -> UnevenPlan | None:
     """The MILP's shares for this set of groups, priced exactly; None when over memory."""
+    from tag_jax.uneven import layout
+
     sol = solve_shares(models, n)
-    probes = [pricer.probe(k // g.size, g.device_ids[0]) for g, k in zip(chosen, sol.shares)]
+    probes = [pricer.group_probe(k // g.size, g, local, mode) for g, k in zip(chosen, sol.shares)]
     if any(p.peak_memory_bytes > limits[g.name] for g, p in zip(chosen, probes)):
         return None
     slowest = max(p.time_s for p in probes)
     ids = tuple(i for g in chosen for i in g.device_ids)
-    apply = [pricer.apply_probe(g.device_ids[0]) for g in chosen]
+    apply = [pricer.apply_probe(g.device_ids[0], local) for g in chosen]
     if any(a.peak_memory_bytes > limits[g.name] for g, a in zip(chosen, apply)):
         return None
+    spmd = mode == "spmd"
+    kinds = layout.combine_bytes(pricer.combined, local, spmd) if len(ids) > 1 else {}
+    gather = {"all-gather": layout.gather_bytes(pricer.inputs, local)} if local > 1 else {}
+    shares = []
+    for g, k, p in zip(chosen, sol.shares, probes):
+        if spmd:
+            gs = pricer.group_strategy(k // g.size, g, local)
+            kinds_g = {a: int(v) for a, v in gs.cost.comm_bytes_by_kind.items() if v}
+            if g.size == local > 1:
+                # one sub-group: the group's all-reduce of a gradient feeds only this device's
+                # chunk of it, which XLA compiles as a reduce-scatter (priced as the all-reduce)
+                cut = sum(layout.nbytes(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(pricer.combined)
+                          if layout.shard_dim(x.shape, local) is not None)
+                kinds_g["all-reduce"] = kinds_g.get("all-reduce", 0) - cut
+                kinds_g["reduce-scatter"] = kinds_g.get("reduce-scatter", 0) + cut // local
+                kinds_g = {a: v for a, v in kinds_g.items() if v}
+            for a, v in gather.items():
+                kinds_g[a] = kinds_g.get(a, 0) + v
+            own = tuple(sorted(kinds_g.items()))
+        else:
+            gs, own = None, tuple(sorted(gather.items()))
+        shares.append(GroupShare(g, k, p.time_s, slowest - p.time_s, p.peak_memory_bytes, own, gs))
     return UnevenPlan(
-        groups=tuple(GroupShare(g, k, p.time_s, slowest - p.time_s, p.peak_memory_bytes)
-                     for g, k, p in zip(chosen, sol.shares, probes)),
-        batch=n, combine_s=pricer.combine_s(ids) if len(ids) > 1 else 0.0,
-        combine_bytes=sum(pricer.combined_bytes) if len(ids) > 1 else 0,
-        apply_s=max(a.time_s for a in apply), relaxed=sol.relaxed)
+        groups=tuple(shares), group_program=mode,
+        batch=n, combine_s=pricer.combine_s(ids, chosen, local, spmd) if len(ids) > 1 else 0.0,
+        combine_bytes=sum(kinds.values()), apply_s=max(a.time_s for a in apply),
+        relaxed=sol.relaxed, local=local, gather_pairs=() if spmd else tuple(sorted(gather.items())),
+        combine_pairs=tuple(sorted(kinds.items())))

@@ -41,6 +41,15 @@ class UnevenStep:
         grads, metrics = self.grad_fn(self.inputs(state), batch)
         return self.apply_fn(state, grads), metrics
 
+    def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
+        """The whole step, `(state, batch) -> (new_state, metrics)`: an ordinary training step, so
+        `jax.jit`, `tag_jax.trace` and `tag_jax.auto_shard` take an `UnevenStep` like any step."""
+        return self.reference(state, batch)
+
+    @property
+    def __name__(self) -> str:  # what jit and the tracer name the step by
+        return self.name
+
 
 def split_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, has_aux: bool = False,
                name: str | None = None) -> UnevenStep:
@@ -63,6 +72,34 @@ def split_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, ha
                 "opt_state": opt_state, "step": state["step"] + 1}
 
     return UnevenStep(grad_fn, apply_fn, name=name or getattr(loss_fn, "__name__", "step"))
+
+
+def split_train_state(loss_fn: Callable, *, has_aux: bool = False, name: str | None = None) -> UnevenStep:
+    """An `UnevenStep` for a `flax.training.train_state.TrainState` (its `tx`, `apply_fn`).
+
+    `loss_fn(apply_fn, params, batch)` returns the mean loss over the batch (with `has_aux`, a pair
+    (loss, metrics dict) of means over the batch), e.g.
+    `lambda f, p, b: optax.softmax_cross_entropy_with_integer_labels(f({"params": p}, b["x"]), b["y"]).mean()`.
+    The group programs read only `state.params` (and the static `apply_fn`); the update is
+    `state.apply_gradients(grads=grads)`.
+    """
+    def grad_fn(inputs, batch):
+        def objective(params):
+            return loss_fn(inputs.apply_fn, params, batch)
+
+        if has_aux:
+            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(inputs.params)
+            return grads, {"loss": loss, **aux}
+        loss, grads = jax.value_and_grad(objective)(inputs.params)
+        return grads, {"loss": loss}
+
+    def apply_fn(state, grads):
+        return state.apply_gradients(grads=grads)
+
+    def inputs(state):  # the parameters and the static fields, none of the optimizer state
+        return state.replace(step=None, opt_state=None)
+
+    return UnevenStep(grad_fn, apply_fn, inputs=inputs, name=name or getattr(loss_fn, "__name__", "step"))
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> dict:
