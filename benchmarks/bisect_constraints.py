@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from tag_jax.models._common import FAST_COMPILE_XLA_FLAGS  # noqa: E402  (see fast_compile_options)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + FAST_COMPILE_XLA_FLAGS)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

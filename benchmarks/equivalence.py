@@ -31,8 +31,11 @@ MESHES = {"1d": ((8,), ("devices",)), "2x4": ((2, 4), ("x", "y"))}
 
 
 def _setup_devices() -> None:
+    from tag_jax.models._common import FAST_COMPILE_XLA_FLAGS  # see fast_compile_options()
+
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+                               + " --xla_force_host_platform_device_count=8 "
+                               + FAST_COMPILE_XLA_FLAGS).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax

@@ -37,15 +37,8 @@ def test_input_sharding_options_are_valid_and_complete():
                                       "P(None, x)", "P(y, x)"}
 
 
-XLA_MISCOMPILE = pytest.mark.xfail(strict=False, reason=(
-    "open XLA bug (jax 0.10.2, GSPMD and Shardy alike): gpt2 2x4 random-uniform #2 compiles to a "
-    "program whose bias gradients are ~1% off although every constraint is the identity; a "
-    "minimal set is one operand and four result constraints in h_1/ln_2 (benchmarks/EQUIVALENCE.md)"))
-
-
 @pytest.mark.parametrize("name,mesh_kind", [
-    pytest.param(n, m, marks=XLA_MISCOMPILE) if (n, m) == ("gpt2", "2x4") else (n, m)
-    for n in MODELS for m in ("1d", "2x4")])
+    (n, m) for n in MODELS for m in ("1d", "2x4")])
 def test_random_strategies_match_unsharded(name, mesh_kind):
     ex, state, batch, ref, graph = example(name)
     mesh = MESHES[mesh_kind]

@@ -11,7 +11,7 @@ A step is `step(state, batch) -> (new_state, metrics)` with `metrics["loss"]` in
 """
 from tag_jax.models import bert, gpt2, mlp, moe, recommender, resnet, t5, vgg, vit
 from tag_jax.models._common import (Example, ModelSpec, Task, count_params, fast_compile_options,
-                                    make_optimizer)
+                                    FAST_COMPILE_XLA_FLAGS, make_optimizer)
 
 ZOO: dict[str, ModelSpec] = {
     spec.name: spec
@@ -40,4 +40,4 @@ def get(name: str, size: str = "toy", **options) -> Example:
 
 
 __all__ = ["ZOO", "Example", "ModelSpec", "Task", "get", "names", "sizes", "count_params",
-           "fast_compile_options", "make_optimizer"]
+           "fast_compile_options", "FAST_COMPILE_XLA_FLAGS", "make_optimizer"]

@@ -73,12 +73,22 @@ def make_optimizer(optimizer: str | optax.GradientTransformation, learning_rate:
     return optax.adamw(lr, weight_decay=0.01)
 
 
+# Makes fast_compile_options() codegen consistent (see there); an XLA_FLAGS entry, not an option.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_extra_options=-fast-isel=false"
+
+
 def fast_compile_options() -> dict:
     """XLA options that make tiny programs compile several times faster and compute the same values.
 
     Backend optimisation off (on XLA:CPU it otherwise takes seconds per threefry shape); on CPU also
     the classic loop emitters instead of the fusion emitters, about 4x faster to compile a toy step.
     For `jax.jit(..., compiler_options=...)` in tests; not meant for timing runs.
+
+    At this level XLA:CPU compiles some kernels with LLVM's FastISel (no FMA contraction) and others
+    with SelectionDAG (FMA), so a value that fusion duplicates into two kernels can differ in its last
+    bit, and jax's derivative of `max` (`x == max(0, x)`) flips to 0 (benchmarks/xla_repro_cpu_o0_fma.py).
+    Processes that use these options must also set `FAST_COMPILE_XLA_FLAGS` in XLA_FLAGS before jax
+    starts (tests/conftest.py and the benchmarks do): it cannot go into `compiler_options`.
     """
     options = {"xla_backend_optimization_level": 0}
     if jax.default_backend() == "cpu":
