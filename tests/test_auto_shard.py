@@ -130,3 +130,29 @@ def test_python_side_effects_run_once_per_plan_not_per_call():
     for _ in range(3):
         np.testing.assert_allclose(np.asarray(step(x)), np.sin(np.ones((8, 4))) * 2, rtol=1e-6)
     assert len(calls) == 1
+
+
+def test_planner_seeds_the_ilp_and_the_2d_plan_and_is_never_worse():
+    """The ILP's plan (first mesh) and the 2-D tensor-parallel plan (each 2-D mesh of a small
+    graph) join the baselines as seeds; the result is never slower than any seed."""
+    from tag_jax import rules
+    from tag_jax.search.planner import search, two_d_strategy
+    from tag_jax.search.propagate import carried_outputs
+    from tag_jax.strategy import MeshSpec
+
+    ex = models.get("mlp", "toy")
+    graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+    r = search(graph, TOPO, list(range(8)), mesh_shape=(4, 2), axis_names=("data", "model"),
+               time_budget_s=8.0, seed=0)
+    assert {"ilp (data=4,model=2)", "2d (data=4,model=2)", "megatron (data=4,model=2)"} <= set(r.seeds)
+    assert r.cost.step_time_s <= min(r.seeds.values()) * (1 + 1e-9)
+    # the 2-D plan: matrices stored split over both axes (model on rows, data on columns) and
+    # used where they lie, vectors over both axes where they divide, the batch over data
+    mesh = MeshSpec((4, 2), ("data", "model"), tuple(range(8)))
+    st = two_d_strategy(graph, rules.for_graph(graph, mesh.axes), mesh, carried_outputs(graph))
+    for tid, sh in zip(graph.inputs, st.input_shardings):
+        t = graph.tensors[tid]
+        if "/params/" in (t.path or "") and len(t.shape) == 2 and t.shape[0] % 2 == 0 and t.shape[1] % 4 == 0:
+            assert sh.dims == (("model",), ("data",)), (t.path, sh)
+        if t.role.name == "BATCH" and t.shape[0] % 4 == 0:
+            assert sh.dims[0] == ("data",)

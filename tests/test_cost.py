@@ -471,3 +471,138 @@ def test_fused_elementwise_chains_hold_no_memory():
     const = sum(t.nbytes for t in g.tensors if t.producer is None and t.id not in g.inputs)
     c = simulate(g, strats, Strategy(mesh, (0, 0, 0), (P(None, None),)), two_node_topology())
     assert c.peak_memory_bytes == 2 * 256 * 64 * 4 + const
+
+
+# 3-D and 2-D reshards where one axis changes dimension and a new axis takes a dimension: XLA's
+# order of operations (read from compiled HLO; f32, 2x4 mesh a=2, b=4)
+MOVES = [
+    # the new axis lands where the moved one left: slice it onto the target dim, then swap
+    (P("b", None), P("a", "b"), (64, 128), [("all-to-all", 4096), ("collective-permute", 4096)]),
+    (P("b", None, None), P("a", None, "b"), (16, 32, 64), [("all-to-all", 16384),
+                                                          ("collective-permute", 16384)]),
+    (P(None, "b", None), P("b", "a", None), (16, 32, 64), [("all-to-all", 16384),
+                                                          ("collective-permute", 16384)]),
+    (P(None, None, "b"), P("b", None, "a"), (16, 32, 64), [("all-to-all", 16384),
+                                                          ("collective-permute", 16384)]),
+    # ... except from the last dim to the one before: all-to-all of the whole piece, then slice
+    (P(None, "b"), P("b", "a"), (64, 128), [("all-to-all", 8192)]),
+    (P(None, None, "b"), P(None, "b", "a"), (16, 32, 64), [("all-to-all", 32768)]),
+    # the new axis on the third dim
+    (P("b", None, None), P(None, "a", "b"), (16, 32, 64), [("all-to-all", 16384)]),
+    (P(None, "b", None), P("b", None, "a"), (16, 32, 64), [("all-to-all", 32768)]),
+    (P(None, None, "b"), P("b", "a", None), (16, 32, 64), [("all-to-all", 16384), ("all-to-all", 16384)]),
+    (P("b", None, None), P(None, "b", "a"), (16, 32, 64), [("all-to-all", 16384), ("all-to-all", 16384)]),
+]
+
+
+@pytest.mark.parametrize("src,dst,shape,expected", MOVES, ids=[f"{s}->{d}" for s, d, _, _ in MOVES])
+def test_moves_with_a_new_axis_match_compiled_hlo(src, dst, shape, expected, cpu_mesh):
+    from jax.sharding import NamedSharding
+    from tag_jax.hlo import collectives
+    predicted = [(c.kind, c.bytes) for c in reshard_collectives(src, dst, shape, F32, MESH)]
+    assert predicted == expected
+    f = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(cpu_mesh, _spec(src)),
+                out_shardings=NamedSharding(cpu_mesh, _spec(dst)))
+    got = [(c.kind, c.bytes) for c in collectives(f.lower(S(shape, F32)).compile())]
+    assert got == expected
+
+
+def test_partial_sums_are_reduced_at_each_root_at_its_size():
+    """A position bias shared by 3 layers (t5): data parallel, each layer's bias gradient is a batch
+    reduction (partial over devices); the strategy carries the sum through add_any, a reduction
+    over the leading 1, a transpose and the gather's scatter-add into a (16, 4) table. XLA reduces
+    each of the 3 (4, 16, 16) roots where it is made (a 256-byte table would be priced otherwise)."""
+    from tag_jax import baselines, models
+    from tag_jax.hlo import collective_bytes_by_kind, collectives
+    H, L, B = 4, 16, 16
+
+    def step(params, batch):
+        def loss(p):
+            idx = jnp.abs(jnp.arange(L)[:, None] - jnp.arange(L)[None, :])
+            bias = jnp.transpose(p["table"][idx], (2, 0, 1))[None]
+            h = batch["x"]
+            for k in range(3):
+                h = jnp.tanh(h + bias) * p["w"][k]
+            return jnp.mean(h ** 2)
+        g = jax.grad(loss)(params)
+        return jax.tree.map(lambda a, b: a - 0.1 * b, params, g)
+
+    params = {"table": S((L, H), F32), "w": S((3,), F32)}
+    batch = {"x": S((B, H, L, L), F32)}
+    mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+    plan = baselines.data_parallel(step, mesh, topology=two_node_topology()).plan(params, batch)
+    compiled = plan.jit(compiler_options=models.fast_compile_options()).lower(params, batch).compile()
+    real = collective_bytes_by_kind(collectives(compiled))
+    assert plan.cost.comm_bytes_by_kind["all-reduce"] == 3 * H * L * L * 4 + 3 * 4
+    assert {k: v for k, v in plan.cost.comm_bytes_by_kind.items() if v} == {k: v for k, v in real.items() if v}
+
+
+def test_partial_sum_wanted_twice_is_reduced_once(cpu_mesh):
+    """y = x @ w with the contraction split, wanted as P(a, None) by one consumer and P(None, a) by
+    the next: XLA reduce-scatters once towards the first and all-to-alls to the second."""
+    from jax.sharding import NamedSharding, PartitionSpec as PS
+    from tag_jax.hlo import collectives
+    flat = jax.make_mesh((8,), ("a",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = MeshSpec((8,), ("a",), tuple(range(8)))
+    g = tag_jax.trace(lambda x, w: _two_consumers(x @ w), S((64, 256), F32), S((256, 128), F32))
+    dot, mul, add = g.ops
+    assert (dot.primitive, mul.primitive, add.primitive) == ("dot_general", "mul", "add")
+    strats = ((OpStrategy("k", (P(None, "a"), P("a", None)), (P(None, None, partial="a"),)),),
+              (OpStrategy("row", (P("a", None), P()), (P("a", None),)),),
+              (OpStrategy("col", (P(None, "a"), P()), (P(None, "a"),)),))
+    cost = simulate(g, strats, Strategy(mesh, (0, 0, 0), (P(None, "a"), P("a", None))),
+                    two_node_topology())
+    predicted = {k: v for k, v in cost.comm_bytes_by_kind.items() if v}
+    assert predicted == {"reduce-scatter": 64 * 128 * 4 // 8, "all-to-all": 64 * 128 * 4 // 8}
+    ns = lambda *p: NamedSharding(flat, PS(*p))  # noqa: E731
+
+    def f(x, w):
+        y = x @ w
+        return (jax.lax.with_sharding_constraint(y, ns("a", None)) * 2.0,
+                jax.lax.with_sharding_constraint(y, ns(None, "a")) + 1.0)
+
+    compiled = jax.jit(f, in_shardings=(ns(None, "a"), ns("a", None)),
+                       out_shardings=(ns("a", None), ns(None, "a"))).lower(
+        S((64, 256), F32), S((256, 128), F32)).compile()
+    got = tag_jax.hlo.collective_bytes_by_kind(collectives(compiled))
+    assert {k: v for k, v in got.items() if v} == predicted
+
+
+def _two_consumers(y):
+    return y * 2.0, y + 1.0
+
+
+def test_root_of_another_shape_is_reduced_along_the_wanted_split():
+    """An embedding lookup from a row-split table is a partial sum (each device has its rows); the
+    strategy carries it through a reshape to a consumer wanting the batch split. XLA reduce-
+    scatters the gathered (64, 2, 8) block along the batch (the recommender's tables), not an
+    all-reduce of it followed by a slice."""
+    from jax.sharding import NamedSharding, PartitionSpec as PS
+    from tag_jax.hlo import collectives
+    flat = jax.make_mesh((8,), ("a",), axis_types=(jax.sharding.AxisType.Auto,))
+    ns = lambda *p: NamedSharding(flat, PS(*p))  # noqa: E731
+
+    def f(table, ids):
+        y = jnp.take(table, ids, axis=0).reshape(64, 16)
+        return jax.lax.with_sharding_constraint(y, ns("a", None)) * 2.0
+
+    args = (S((1024, 8), F32), S((64, 2), np.int32))
+    g = tag_jax.trace(f, *args)
+    mesh = MeshSpec((8,), ("a",), tuple(range(8)))
+    strats = []
+    for op in g.ops:
+        ins = [TS.replicated(len(g.tensors[t].shape)) for t in op.inputs]
+        outs = [TS.replicated(len(g.tensors[t].shape)) for t in op.outputs]
+        if op.primitive == "gather":
+            ins[0], outs[0] = P("a", None), P(None, None, None, partial="a")
+        elif op.primitive == "reshape" and len(g.tensors[op.inputs[0]].shape) == 3:
+            ins[0], outs[0] = P(None, None, None, partial="a"), P(None, None, partial="a")
+        elif op.primitive in ("sharding_constraint", "mul"):
+            ins[0], outs[0] = P("a", None), P("a", None)
+        strats.append((OpStrategy("x", tuple(ins), tuple(outs)),))
+    ins = (P("a", None), P(None, None))
+    cost = simulate(g, tuple(strats), Strategy(mesh, (0,) * len(g.ops), ins), two_node_topology())
+    assert {k: v for k, v in cost.comm_bytes_by_kind.items() if v} == {"reduce-scatter": 64 * 2 * 8 * 4 // 8}
+    compiled = jax.jit(f, in_shardings=(ns("a", None), ns()), out_shardings=ns("a", None)).lower(*args).compile()
+    got = tag_jax.hlo.collective_bytes_by_kind(collectives(compiled))
+    assert got["reduce-scatter"] == 64 * 2 * 8 * 4 // 8 and got["all-reduce"] == 0

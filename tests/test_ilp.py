@@ -100,3 +100,39 @@ def test_ilp_infeasible_memory_names_the_limit():
     ops = rules.for_graph(graph, MESH8.axes)
     with pytest.raises(PlanningError, match=r"memory limit of 1000 B per device"):
         ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=5, memory_limit=1000)
+
+
+def test_ilp_reuses_a_simulator_and_prices_carried_partial_sums_as_reduced():
+    graph = _matmul_graph()
+    ops = rules.for_graph(graph, MESH8.axes)
+    sim = Simulator(graph, ops, TOPO, MESH8, carried=carried_outputs(graph))
+    a, info_a = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20)
+    b, info_b = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20, simulator=sim)
+    assert a == b and info_a["objective_s"] == info_b["objective_s"]
+    # the objective is the simulator's no-overlap time of the plan: two partial sums added into
+    # a third are two all-reduces (XLA reduces where they are made), not one of the sum
+    np.testing.assert_allclose(info_b["objective_s"], info_b["no_overlap_s"], rtol=1e-9)
+    units = decision_units(graph, ops, MESH8)
+    builder = _Builder(graph, ops, TOPO, MESH8, units, sim)
+    from tag_jax.strategy import TensorSharding
+
+    part = TensorSharding((), partial=("data",))
+    t = next(i for i, x in enumerate(graph.tensors) if x.shape == ())  # a reduce_sum's result
+    reduce_cost = builder.price(t, part, part.without_partial())
+    assert reduce_cost > 0
+    assert builder.price(t, part, part) == reduce_cost  # carrying it on pays the reduction
+
+
+def test_ilp_limit_can_bound_the_whole_call():
+    ex = models.get("mlp", "real")
+    graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+    mesh = MeshSpec((4, 2), ("data", "model"), tuple(range(8)))
+    ops = rules.for_graph(graph, mesh.axes)
+    sim = Simulator(graph, ops, TOPO, mesh, carried=carried_outputs(graph))
+    _, info = ilp_strategy(graph, ops, TOPO, mesh, time_limit_s=1.5, simulator=sim,
+                           limit_includes_build=True)
+    # the build counts: the solver gets what is left, if anything (HiGHS checks its clock now
+    # and then); without time left it is not started and data parallel stands in
+    assert info["solve_s"] < max(0.0, 1.5 - info["build_s"]) + 1.0, info
+    if info["build_s"] > 1.5:
+        assert info["status"] == "no solution in time limit: data_parallel"

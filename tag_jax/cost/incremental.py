@@ -2,7 +2,9 @@
 
 A move changes the choices of a few ops. Only the ops' own compute and the reshards of the tensors
 they read and write change, so `Incremental` keeps, per tensor, the seconds of its distinct reshards
-(one per target sharding, as `Simulator.cost` dedupes them) and re-prices just those. The overlap
+(one per target sharding, as `Simulator.cost` dedupes them) and re-prices just those. A partial sum
+is priced where the strategy reduces it (`Simulator.cost` moves the reduction to the ops that made
+it, `Simulator._partial_roots`): the two agree where partial sums are not carried across ops. The overlap
 schedule and peak memory are global; confirm the moves a search keeps with `Simulator.cost`.
 """
 from __future__ import annotations

@@ -30,6 +30,11 @@ devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
    collective-permute of the same bytes.
 
    A swap ``P(a,b) -> P(b,a)`` is an all-to-all then a collective-permute of the same size (XLA).
+   One axis leaving dim i for an empty dim j while ONE new axis takes dim i (``P(b,None) ->
+   P(a,b)``, Megatron's weights back to their update layout): XLA slices the new axis onto j first
+   and swaps, an all-to-all plus a permute of the final piece, except i last and j = i - 1 (the
+   all-to-all of the whole piece, then the slice); 3-D arrays with the new axis on the third
+   dimension follow the (i, j, k) table read from HLO (step 0b in the code).
 
 Known differences: in step 4 the gather group XLA uses can be smaller than the axes priced here.
 """
@@ -108,6 +113,34 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
         axes = tuple(dict.fromkeys(src.axes + dst.axes))
         local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
         return (Comm("collective-permute", axes, local_dst),) if local_dst else ()
+
+    # 0b. one axis X leaves dim i for an empty dim j while one new axis Y takes its place on dim i
+    # (``P(b,None) -> P(a,b)``): XLA slices Y onto dim j first and then swaps X and Y, an all-to-all
+    # and a collective-permute of the final local piece each, where step 5 would price one
+    # all-to-all of twice those bytes. Seen on 2-D and 3-D arrays for every (i, j) except i the
+    # last dimension and j = i - 1, which is step 5's all-to-all then a slice (tests/test_cost.py).
+    if len(moved) == 1 and not reduce and not src.partial and not dst.partial:
+        (x,) = moved
+        i, j = src_where[x], dst_where[x]
+        new = [a for a in dst.axes if a not in src_where]
+        if (len(new) == 1 and src.dims[i] == (x,) and dst.dims[i] == (new[0],) and not src.dims[j]
+                and dst.dims[j] == (x,) and not (i == ndim - 1 and j == i - 1)
+                and all(src.dims[k] == dst.dims[k] for k in range(ndim) if k not in (i, j))):
+            local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
+            comms = [Comm("all-to-all", (x,), local_dst), Comm("collective-permute", (x, new[0]), local_dst)]
+            return tuple(c for c in comms if c.bytes > 0)
+        # the same on a 3-D array with Y landing on the third dimension k: XLA's order depends on
+        # (i, j, k); j last is step 5 (slice Y, then one all-to-all), the rest as seen in HLO
+        k = dst_where.get(new[0], -1) if len(new) == 1 else -1
+        if (ndim == 3 and len(new) == 1 and k not in (i, j, -1) and j != ndim - 1
+                and src.dims[i] == (x,) and not src.dims[j] and not src.dims[k]
+                and dst.dims[j] == (x,) and dst.dims[k] == (new[0],) and not dst.dims[i]):
+            local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
+            if (i, j, k) == (1, 0, 2):  # one all-to-all of the unsliced piece, then a slice
+                comms = [Comm("all-to-all", (x,), _local_bytes(shape, src.dims, itemsize, sizes))]
+            else:  # (2, 0, 1) and (0, 1, 2): two all-to-alls of the final piece
+                comms = [Comm("all-to-all", (x,), local_dst), Comm("all-to-all", (x, new[0]), local_dst)]
+            return tuple(c for c in comms if c.bytes > 0)
 
     # 1. free slices, and the reduce-scatter candidates of step 2
     scatter: dict[int, list[str]] = {}

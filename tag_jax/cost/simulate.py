@@ -29,17 +29,27 @@ traffic once each), kernel launch overheads, collectives inside loop bodies (a s
 op whose operands are resharded at its boundary), and the memory a loop body uses internally.
 
 Memory (per device). Graph inputs and constants live for the whole step (no donation); an op's
-output lives from its producer to its last consumer (graph outputs to the end); a resharded copy
-lives from its first consumer to its last (reshards are placed just in time, as XLA's scheduler does
-for memory, even though the time model issues them early). A tensor's local bytes are its bytes
-divided by the shards of its sharding (partial sums are full size). peak = max over the op order.
+output lives from its producer to its last consumer; graph results live in XLA's output allocation
+for the whole step, in the layout the program returns them in (a result resharded at the end, e.g.
+a sharded optimizer update gathered back to replicated parameters, counts its final layout from
+the start and its as-made value as a temporary); a resharded copy lives from its first consumer to
+its last (reshards are placed just in time, as XLA's scheduler does for memory, even though the time
+model issues them early). A tensor's local bytes are its bytes divided by the shards of its sharding
+(partial sums are full size). peak = max over the op order.
+
+Partial sums (GSPMD has none between ops): a partial result is reduced at each of its roots, the
+ops that made it (dot, reduction, scatter-add), at the root's size, however far a strategy carries
+it (see `Simulator._partial_roots`); one wanted in several shardings is reduced once, towards its
+first consumer's.
 
 `Simulator` precomputes per-graph arrays once (`with_mesh` reuses them for another mesh, and the
 compute table too when only the device order changes); `cost(strategy)` is vectorised with numpy
 and caches reshard prices per (shape, dtype, src, dst); only the overlap schedule is a Python loop,
 over the reshards. GPT-2 small (5,781 ops, ~17 options per op from `rules.for_graph`) on one CPU
-core: ~500-900 full evaluations/s for coherent plans (hundreds of reshards), ~170/s for uniformly
-random choices (~7,500 reshards). `incremental(strategy)` re-prices moves of a few ops with the
+core: ~300-900 full evaluations/s for coherent plans (hundreds of reshards; the Megatron baseline
+312/s of CPU time on a loaded machine), ~110-170/s for uniformly random choices (~7,500 reshards;
+the overlap schedule dominates). Partial roots are cached per tensor with the shardings they were
+derived from, so a search re-walks only chains its moves touched. `incremental(strategy)` re-prices moves of a few ops with the
 no-overlap time in ~25-100 us (see `tag_jax.cost.incremental`).
 """
 from __future__ import annotations
@@ -257,6 +267,9 @@ class Simulator:
                     op_bytes=np.array([op.bytes for op in g.ops], np.float64),
                     row_op=np.repeat(np.arange(n_ops), nst),
                     o_is_out=np.isin(o_t, np.array(sorted(out_set), np.int64)),
+                    o_pos_of=_positions(o_t, n_t),
+                    o_last_use=np.array([max(g.tensors[t].consumers, default=g.tensors[t].producer)
+                                         for t in o_t.tolist()], np.int64),
                     o_fused=fused[o_t],
                     io_row=np.concatenate([row_of_in, row_of_out]),
                     io_sid=np.concatenate([np.array(want, np.int64), np.array(give, np.int64)]),
@@ -306,6 +319,7 @@ class Simulator:
         self._p_comms: list = []
         self._p_dict: dict = {}                 # (shape class, src, dst) -> slot, for scalar lookups
         self._comm_cache: dict = {}
+        self._root_cache: dict = {}             # tensor -> (tensors read, their shardings, roots)
 
     def _ensure_shards(self) -> None:
         items = self._sh["sh"].items
@@ -444,60 +458,190 @@ class Simulator:
         js = tsh[jt]
         pm = self._partial_mask()
         red = np.flatnonzero(pm[js]) if jt.size else jt
+        if red.size:  # only jobs that reduce some partial axis (not all of them stay partial)
+            pbits = self._partial_bits()
+            red = red[(pbits[js[red]] & ~pbits[jd[red]]) != 0]
         if red.size:  # XLA reduces a partial sum where it is made, not after linear ops carry it
-            items = sh["sh"].items
-            jt, js, jd = jt.copy(), js.copy(), jd.copy()
-            for k in red.tolist():
-                t0, d0 = int(jt[k]), items[int(jd[k])]
-                src = items[int(js[k])]
-                if set(src.partial) <= set(d0.partial):
+            items, shapes = sh["sh"].items, sh["t_shape"]
+            jt, js, jd, jc = jt.copy(), js.copy(), jd.copy(), jc.copy()
+            xt, xs, xd, xc = [], [], [], []
+            # fast path (vectorised): a partial made by an op with no partial operand is its own
+            # root (nothing changes), or a local select when that op is elementwise/shape-only
+            kind = self._op_kind()
+            prod = np.maximum(sh["producer"][jt[red]], 0)
+            own = sh["producer"][jt[red]] < 0
+            npart = np.bincount(sh["e_op"], pm[tsh[sh["e_t"]]], minlength=sh["n_ops"] + 1)
+            carries = ~own & (npart[prod] > 0) & (kind[prod] > 0)
+            select = ~own & ~carries & (kind[prod] == 2)
+            plain = self._plain_ids()
+            js[red[select]] = plain[js[red[select]]]
+            todo = red[carries]
+            for k, roots in zip(todo.tolist(), self._roots_of(jt[todo], tsh)):
+                t0 = int(jt[k])
+                if t0 in roots:
                     continue
-                t = self._partial_root(t0, c, tsh)
-                if t is None:  # made partial only by local selects: XLA never makes it partial
-                    js[k] = sh["sh"](src.without_partial())
-                elif t != t0:
-                    jt[k], js[k] = t, tsh[t]
-                    root = items[int(tsh[t])]
-                    same = self.graph.tensors[t].shape == self.graph.tensors[t0].shape
-                    jd[k] = jd[k] if same else sh["sh"](root.without_partial())
+                if not roots:  # made partial only by local selects: XLA never makes it partial
+                    js[k] = plain[js[k]]
+                    continue
+                # reduced at each root (towards d0 where the root has t0's shape, else in place);
+                # t0 is then made from reduced values, as t0 without its partial axes: moved to d0
+                dk = int(jd[k])
+                for n, r in enumerate(sorted(roots)):
+                    rd = dk if shapes[r] == shapes[t0] else self._towards(r, t0, dk, tsh)
+                    if n == 0:
+                        jt[k], js[k], jd[k] = r, tsh[r], rd
+                    else:
+                        xt.append(r), xs.append(int(tsh[r])), xd.append(rd), xc.append(int(jc[k]))
+                p0 = int(plain[tsh[t0]])
+                if p0 != dk and any(shapes[r] != shapes[t0] for r in roots):
+                    xt.append(t0), xs.append(p0), xd.append(dk), xc.append(int(jc[k]))
+            if xt:
+                jt, js = np.concatenate([jt, xt]), np.concatenate([js, xs])
+                jd, jc = np.concatenate([jd, xd]), np.concatenate([jc, xc])
             self._ensure_shards()
+            # a partial sum wanted in several shardings is reduced once, towards its first
+            # consumer's, and moved from there to the others (XLA: ``y = x @ w`` split on the
+            # contraction, wanted as P(a,None) then P(None,a): reduce-scatter, then all-to-all)
+            pbits = self._partial_bits()
+            cand = np.flatnonzero((pbits[js] & ~pbits[jd]) != 0)
+            if cand.size > 1:
+                cand = cand[np.lexsort((jc[cand], jt[cand]))]
+                ct = jt[cand]
+                starts = np.flatnonzero(np.r_[True, ct[1:] != ct[:-1]])
+                first = np.repeat(jd[cand[starts]], np.diff(np.r_[starts, cand.size]))
+                move = (jd[cand] != first) & (pbits[first] == 0)
+                js[cand[move]] = first[move]
         return jt, js, jd, jc
 
-    def _partial_root(self, t: int, c: np.ndarray, tsh: np.ndarray) -> int | None:
-        """The tensor where the partial sum `t` was made: followed back through elementwise (or
-        shape-only) ops whose partial operands (same partial axes) all lead to one root.
+    def _towards(self, r: int, t0: int, dk: int, tsh: np.ndarray) -> int:
+        """The sharding a root `r` of another shape than `t0` is reduced to: its own, without the
+        partial axes, plus each split of t0's target `dk` on the free dimension of r with the same
+        extent, where that extent occurs once in each shape (XLA propagates the wanted split back through the reshapes: recommender's
+        embedding lookups from row-split tables are reduce-scattered along the batch, not
+        all-reduced); a split with no such dimension is left out (reduced in place)."""
+        sh = self._sh
+        key = (r, t0, dk, int(tsh[r]))
+        memo = sh.setdefault("towards", {})
+        out = memo.get(key)
+        if out is None:
+            items = sh["sh"].items
+            root, want = items[int(tsh[r])], items[dk]
+            rshape, tshape = self.graph.tensors[r].shape, self.graph.tensors[t0].shape
+            dims = [list(d) for d in root.dims]
+            used = set(root.axes)
+            if self.graph.ops[int(sh["producer"][r])].primitive not in ("gather", "dot_general"):
+                want = TensorSharding.replicated(len(tshape))  # reduce_sum & co: in place
+            for extent, axes in zip(tshape, want.dims):
+                if (not axes or any(a in used for a in axes) or tshape.count(extent) != 1
+                        or rshape.count(extent) != 1):
+                    continue  # only an unambiguous dimension (same extent once in each shape)
+                for i, n in enumerate(rshape):
+                    if n == extent and not dims[i]:
+                        dims[i] = list(axes)
+                        used.update(axes)
+                        break
+            out = memo[key] = sh["sh"](TensorSharding(tuple(tuple(d) for d in dims)))
+            self._ensure_shards()
+        return out
+
+    def _roots_of(self, ts: np.ndarray, tsh: np.ndarray) -> list:
+        """`_partial_roots` of each tensor in `ts`, the cached answers checked in one numpy pass."""
+        cache = self._root_cache
+        hits = [cache.get(t) for t in ts.tolist()]
+        have = [i for i, h in enumerate(hits) if h is not None]
+        ok = np.zeros(len(hits), bool)
+        if have:
+            seen = np.concatenate([hits[i][0] for i in have])
+            sids = np.concatenate([hits[i][1] for i in have])
+            lens = np.array([len(hits[i][0]) for i in have], np.int64)
+            same = np.logical_and.reduceat(tsh[seen] == sids, np.r_[0, np.cumsum(lens)[:-1]])
+            ok[np.array(have, np.int64)[same]] = True
+        return [hits[i][2] if ok[i] else self._partial_roots(int(t), tsh)
+                for i, t in enumerate(ts.tolist())]
+
+    def _partial_roots(self, t: int, tsh: np.ndarray) -> frozenset:
+        """The tensors where the partial sum `t` was made, followed back through every op whose
+        chosen option carries a partial operand (same partial axes) to a partial result.
 
         GSPMD has no partial-sum sharding between ops (`with_sharding_constraint` cannot ask for
-        one): it all-reduces a dot's or reduction's partial result where it is made and runs the
-        linear ops after it on the reduced value. So a partial sum that a strategy carries through
-        several linear ops (e.g. a gradient into Adam's mu, nu and the update) is reduced ONCE, at
-        its root, however many of its descendants the strategy reduces; the simulator prices the
-        root's reduction in their place (one reshard per (tensor, target), so duplicates merge).
-        Operands made partial by a local select (`b1 * mu` with mu replicated) are no root; when
-        there is none at all (None), the value is never partial in the program: no reduction.
+        one): it reduces a dot's, reduction's or scatter-add's partial result where it is made
+        (all-reduce, or reduce-scatter towards its consumer) and runs every later op on the reduced
+        value. So a partial sum a strategy carries through several ops (a gradient into Adam's mu,
+        nu and the update; t5's 12 per-layer position-bias gradients summed, then reduced over
+        the batch and transposed into the bias table) is reduced at each of its roots, however
+        many of its descendants the strategy reduces, and at the root's size. Operands made partial
+        by a local select (an elementwise or shape-only op with no partial operand, e.g. `b1 * mu`
+        with mu replicated) are no root: a value with none is never partial in the program.
+        The answer depends only on the shardings of the tensors the walk read; it is cached per
+        tensor with those (checked with one numpy comparison), so a search re-walks only the
+        chains its moves touched.
         """
+        cache = self._root_cache
         sh, g, items = self._sh, self.graph, self._sh["sh"].items
         want = items[int(tsh[t])].partial
-        memo: dict[int, int | None] = {}
-
-        def root(u: int, depth: int) -> int | None:  # None: made partial by a local select
-            if u in memo:
-                return memo[u]
+        memo: dict[int, frozenset] = {}
+        seen = [t]
+        stack = [(t, 0)]
+        while stack:  # iterative post-order (chains can be thousands of ops deep)
+            u, state = stack.pop()
+            if u in memo and state == 0:
+                continue
             p = int(sh["producer"][u])
             op = g.ops[p] if p >= 0 else None
-            if op is None or depth > 64 or op.primitive not in _FUSE_FROM or len(op.outputs) != 1:
-                r = u
-            else:
-                ins = [v for v in op.inputs if items[int(tsh[v])].partial]
-                if any(items[int(tsh[v])].partial != want for v in ins):
-                    r = u
-                else:
-                    roots = {x for x in (root(v, depth + 1) for v in ins) if x is not None}
-                    r = None if not roots else roots.pop() if len(roots) == 1 else u
-            memo[u] = r
-            return r
+            if op is None or op.subgraphs or len(op.outputs) != 1:
+                memo[u] = frozenset((u,))
+                continue
+            if state == 0:
+                seen.extend(op.inputs)
+            ins = [v for v in op.inputs if items[int(tsh[v])].partial]
+            if any(items[int(tsh[v])].partial != want for v in ins):
+                memo[u] = frozenset((u,))
+                continue
+            if not ins:
+                memo[u] = frozenset() if op.primitive in _FUSE_FROM else frozenset((u,))
+                continue
+            if state == 0:
+                stack.append((u, 1))
+                stack.extend((v, 0) for v in ins if v not in memo)
+                continue
+            memo[u] = frozenset().union(*(memo[v] for v in ins))
+        seen_a = np.array(seen, np.int64)
+        cache[t] = (seen_a, tsh[seen_a].copy(), memo[t])
+        return memo[t]
 
-        return root(t, 0)
+    def _op_kind(self) -> np.ndarray:
+        """Per op: 0 a partial root whatever its operands (several outputs, sub-graphs), 2 an
+        elementwise or shape-only op (a local select when no operand is partial), 1 any other."""
+        sh = self._sh
+        kind = sh.get("op_kind")
+        if kind is None:
+            g = self.graph
+            kind = sh["op_kind"] = np.array(
+                [0 if op.subgraphs or len(op.outputs) != 1 else 2 if op.primitive in _FUSE_FROM else 1
+                 for op in g.ops] + [0], np.int8)
+        return kind
+
+    def _plain_ids(self) -> np.ndarray:
+        """Per sharding id: the id of that sharding without its partial axes."""
+        interner = self._sh["sh"]
+        plain = self._sh.get("plain_ids", np.zeros(0, np.int64))
+        if len(plain) < len(interner.items):
+            extra = [interner(s.without_partial()) for s in interner.items[len(plain):]]
+            plain = self._sh["plain_ids"] = np.concatenate([plain, np.array(extra, np.int64)])
+            self._ensure_shards()
+        return plain
+
+    def _partial_bits(self) -> np.ndarray:
+        """Per sharding id: its partial axes as a bit mask."""
+        sh = self._sh
+        bits = sh.get("partial_bits", np.zeros(0, np.int64))
+        items = sh["sh"].items
+        if len(bits) < len(items):
+            axis_bit = sh.setdefault("axis_bit", {})
+            extra = [sum(1 << axis_bit.setdefault(a, len(axis_bit)) for a in s.partial)
+                     for s in items[len(bits):]]
+            bits = sh["partial_bits"] = np.concatenate([bits, np.array(extra, np.int64)])
+        return bits
 
     def _partial_mask(self) -> np.ndarray:
         items = self._sh["sh"].items
@@ -535,7 +679,7 @@ class Simulator:
                                   starts[live], ends[live])
         else:
             step = compute_s + comm_s
-        peak = self._peak(tsh, first, lastc, rbytes)
+        peak = self._peak(tsh, first, lastc, rbytes, ut)
         extra = {}
         if per_op:
             inc = np.zeros(n_ops + 1)
@@ -587,16 +731,34 @@ class Simulator:
         end = (Sl[-1] if n_ops else 0.0) + best
         return max(end, free)
 
-    def _peak(self, tsh, first, lastc, rbytes) -> float:
+    def _peak(self, tsh, first, lastc, rbytes, ut=None) -> float:
         sh = self._sh
         n = sh["n_ops"]
         local = sh["nbytes"] / self._shards[tsh]
         always = float(local[sh["is_input"] | sh["free"]].sum())
         ot = sh["o_t"]
         # graph results sit in XLA's output allocation for the whole step (memory_analysis counts
-        # them apart from the reused temporaries), so they count from the start
-        start = np.concatenate([np.where(sh["o_is_out"], 0, sh["producer"][ot]), first])
-        stop = np.concatenate([np.maximum(sh["last"][ot], sh["producer"][ot]), lastc]) + 1
+        # them apart from the reused temporaries), so they count from the start. A result resharded
+        # at the end (carried state going back to its argument's layout, a partial result reduced)
+        # is allocated in its FINAL layout: the resharded copy counts from the start, and the value
+        # as its op made it is an ordinary temporary (producer to the end), e.g. a ZeRO-style
+        # sharded update gathered back into replicated parameters (vit-b16 data parallel: 1.0 GB of
+        # replicated params + Adam state in the output allocation, not 0.13 GB of shards)
+        o_start = np.where(sh["o_is_out"], 0, sh["producer"][ot])
+        o_stop = np.maximum(sh["last"][ot], sh["producer"][ot])
+        r_start = first
+        if ut is not None and len(ut):
+            end = first == n
+            if end.any():
+                r_start = np.where(end, 0, first)
+                pos = sh["o_pos_of"][ut[end]]
+                pos = pos[pos >= 0]
+                o_start = o_start.copy()
+                o_start[pos] = sh["producer"][ot[pos]]
+                o_stop = o_stop.copy()  # gathered into the output buffer once made, then freed
+                o_stop[pos] = sh["o_last_use"][pos]
+        start = np.concatenate([o_start, r_start])
+        stop = np.concatenate([o_stop, lastc]) + 1
         w = np.concatenate([np.where(sh["o_fused"], 0.0, local[ot]), rbytes])
         diff = np.bincount(start, w, minlength=n + 2) - np.bincount(stop, w, minlength=n + 2)
         live = np.cumsum(diff)[:n + 1]
@@ -652,6 +814,13 @@ def _fused(g: OpGraph, last: np.ndarray, out_set: set) -> np.ndarray:
         for u in op.inputs:
             last[u] = max(last[u], last[t])
     return fused
+
+
+def _positions(o_t: np.ndarray, n_t: int) -> np.ndarray:
+    """tensor id -> its position in `o_t` (op results), -1 for tensors no op makes."""
+    pos = np.full(n_t + 1, -1, np.int64)
+    pos[o_t] = np.arange(len(o_t))
+    return pos
 
 
 def _si(x: float) -> str:

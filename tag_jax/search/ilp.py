@@ -19,8 +19,8 @@ Alpa's intra-operator pass redone on tag_jax's data, for one mesh:
   shardings <= budget. Activations are not modelled linearly: when the simulated
   peak exceeds the limit, the budget is lowered by the excess and the ILP solved again;
 - objective: compute + communication with no overlap (the simulator's `overlap=False` time, up
-  to its partial-sum-root rule). The simulator's overlapped step time of the result is reported
-  beside it.
+  to its partial-sum-root rule: a partial sum carried into an op pays its reduction there). The
+  simulator's overlapped step time of the result is reported beside it.
 
 Tensors of the same shape whose producers and consumers belong to the same units (the same tensor
 in every layer) share one set of edge variables with their cost multiplied by their count.
@@ -98,8 +98,14 @@ class _Builder:
         self.carried = carried_outputs(graph)
         self._carried_into = set(self.carried.values())
         self._prices: dict = {}
+        self._op_options: dict = {}
 
     def price(self, t: int, src: TensorSharding, dst: TensorSharding) -> float:
+        if src.partial and set(src.partial) <= set(dst.partial):
+            # A consumer carrying the partial sum on: XLA reduces it where it is made anyway (the
+            # simulator's partial-root rule), so each carry pays the reduction (a chain of carries
+            # pays it more than once: the model leans to reducing at the root, as XLA does).
+            dst = dst.without_partial()
         if src == dst:
             return 0.0
         tensor = self.g.tensors[t]
@@ -112,17 +118,24 @@ class _Builder:
 
     # ---- indicators: sharding -> which unit options produce / want it --------------------------
     def op_options(self, i: int) -> list[tuple[int, Any]]:
-        """(op option, indicator) pairs of op i."""
+        """(op option, indicator) pairs of op i (cached: asked once per use of each tensor)."""
+        got = self._op_options.get(i)
+        if got is not None:
+            return got
         ch = self.u.op_choice[i]
         if ch.unit is None:
-            return [(0, True)]
-        b = self.base[ch.unit]
-        by: dict[int, set] = {}
-        for k, j in enumerate(ch.of_unit):
-            if self.u.units[ch.unit].allowed and not self.u.units[ch.unit].allowed[k]:
-                continue
-            by.setdefault(j, set()).add(int(b + k))
-        return [(j, frozenset(v)) for j, v in by.items()]
+            got = [(0, True)]
+        else:
+            b = self.base[ch.unit]
+            allowed = self.u.units[ch.unit].allowed
+            by: dict[int, set] = {}
+            for k, j in enumerate(ch.of_unit):
+                if allowed and not allowed[k]:
+                    continue
+                by.setdefault(j, set()).add(int(b + k))
+            got = [(j, frozenset(v)) for j, v in by.items()]
+        self._op_options[i] = got
+        return got
 
     def source(self, t: int) -> dict:
         tensor = self.g.tensors[t]
@@ -310,16 +323,25 @@ def _solve(pb: _Problem, time_limit_s: float):
 
 
 def ilp_strategy(graph: OpGraph, ops, topology, mesh: MeshSpec, *, time_limit_s: float = 30.0,
-                 memory_limit: float | None = None, merge: bool = True) -> tuple[Strategy, dict]:
+                 memory_limit: float | None = None, merge: bool = True,
+                 simulator: Simulator | None = None,
+                 limit_includes_build: bool = False) -> tuple[Strategy, dict]:
     """Solve the ILP (module docstring) on `mesh`; returns the Strategy and an info dict:
     objective_s (the ILP's model time), status ("optimal" / "time-limited" / "no solution in time
     limit: data_parallel"), variables, integer_variables, constraints, units, merged_ops,
-    build_s, solve_s, seconds, rounds, cost (the simulator's Cost of the strategy)."""
+    build_s, solve_s, seconds, rounds, cost (the simulator's Cost of the strategy).
+
+    `simulator`: a `Simulator` of the same graph, options, topology and mesh (with the carried
+    results) to reuse, as the planner has one; built here otherwise (for large graphs that is a
+    good part of the time outside the solver). `limit_includes_build`: `time_limit_s` bounds the
+    whole call (building the problem included, as a caller with a time budget wants), not only
+    the solver's time."""
     from tag_jax.plan import _bytes
     from tag_jax.search.planner import PlanningError
 
     t0 = time.perf_counter()
-    sim = Simulator(graph, ops, topology, mesh, carried=carried_outputs(graph))
+    sim = simulator if simulator is not None else Simulator(graph, ops, topology, mesh,
+                                                            carried=carried_outputs(graph))
     units = decision_units(graph, ops, mesh, merge=merge)
     b = _Builder(graph, ops, topology, mesh, units, sim)
     if memory_limit is not None and b.min_argument_bytes() > memory_limit:
@@ -331,19 +353,24 @@ def ilp_strategy(graph: OpGraph, ops, topology, mesh: MeshSpec, *, time_limit_s:
     budget = memory_limit
     info: dict = {}
     solve_s = build_s = 0.0
+    cost = cost_of = None
     for rnd in range(1, MEMORY_ROUNDS + 1):
         tb = time.perf_counter()
         pb = b.build(budget)
         build_s += time.perf_counter() - tb
         ts = time.perf_counter()
-        left = time_limit_s - solve_s
-        res = _solve(pb, left)
+        left = time_limit_s - (time.perf_counter() - t0 if limit_includes_build else solve_s)
+        # no time left after building: HiGHS would still take its setup time before stopping
+        res = _solve(pb, left) if left > 0.05 or not limit_includes_build else None
         solve_s += time.perf_counter() - ts
         info = dict(variables=len(pb.c), integer_variables=int(sum(pb.integral)),
                     constraints=len(pb.lb), units=len(units.units), merged_ops=units.merged,
                     rounds=rnd, budget_bytes=budget)
-        if res.x is None:
-            if res.status == 2:  # infeasible: the argument budget cannot be met
+        if res is None or res.x is None:
+            if res is not None and res.status == 2 and memory_limit is None:
+                raise PlanningError(f"the ILP over mesh {mesh.axes} has no feasible solution although "
+                                    "no memory limit was set: a bug in tag_jax.search.ilp, please report")
+            if res is not None and res.status == 2:  # infeasible: the argument budget cannot be met
                 raise PlanningError(
                     f"no ILP plan fits the memory limit of {_bytes(memory_limit)} per device: with "
                     f"activations the arguments must fit in {_bytes(budget)}, which no choice on "
@@ -359,14 +386,15 @@ def ilp_strategy(graph: OpGraph, ops, topology, mesh: MeshSpec, *, time_limit_s:
         info.update(status="optimal" if res.status == 0 else "time-limited",
                     objective_s=(float(res.fun) + pb.constant) / _SCALE,
                     mip_gap=float(getattr(res, "mip_gap", math.nan) or 0.0))
-        cost = sim.cost(strategy)
+        cost, cost_of = sim.cost(strategy), strategy
         excess = 0.0 if memory_limit is None else cost.peak_memory_bytes - memory_limit
-        if excess <= 0 or solve_s >= time_limit_s:
+        spent = time.perf_counter() - t0 if limit_includes_build else solve_s
+        if excess <= 0 or spent >= time_limit_s:
             break
         budget = budget - 1.05 * excess
         if budget < b.min_argument_bytes():
             break
-    cost = sim.cost(strategy)
+    cost = sim.cost(strategy) if cost is None or cost_of is not strategy else cost
     if memory_limit is not None and cost.peak_memory_bytes > memory_limit:
         raise PlanningError(
             f"no ILP plan fits the memory limit of {_bytes(memory_limit)} per device: the best "

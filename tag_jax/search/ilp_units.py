@@ -62,9 +62,9 @@ class Units:
     merged: int  # ops merged into their operand's unit
 
 
-def _evenly_split(s: OpStrategy, op, graph: OpGraph, mesh_axes) -> bool:
-    """jit results must split evenly (emit.check); options of result-making ops are limited."""
-    results = set(graph.outputs)
+def _evenly_split(s: OpStrategy, op, graph: OpGraph, mesh_axes, results: frozenset) -> bool:
+    """jit results must split evenly (emit.check); options of result-making ops are limited.
+    `results`: the graph's result tensor ids."""
     for t, ts in zip(op.outputs, s.outputs):
         if t in results and any(n % math.prod(mesh_axes[a] for a in d)
                                 for n, d in zip(graph.tensors[t].shape, ts.dims)):
@@ -116,6 +116,7 @@ def decision_units(graph: OpGraph, op_strategies, mesh: MeshSpec, *, merge: bool
         if len(op_strategies[op.id]) < 2:
             choice[op.id] = OpChoice(None)
     merged = 0
+    results = frozenset(graph.outputs)
     for members in op_classes(graph, op_strategies):  # classes come in op order: leaders first
         ops0 = graph.ops[members[0]]
         options = op_strategies[members[0]]
@@ -125,7 +126,8 @@ def decision_units(graph: OpGraph, op_strategies, mesh: MeshSpec, *, merge: bool
                 choice[i] = follow
             merged += len(members)
             continue
-        allowed = tuple(all(_evenly_split(s, graph.ops[i], graph, axes) for i in members)
+        makes = [graph.ops[i] for i in members if results.intersection(graph.ops[i].outputs)]
+        allowed = tuple(all(_evenly_split(s, op, graph, axes, results) for op in makes)
                         for s in options)
         if not any(allowed):
             allowed = (True,) + (False,) * (len(options) - 1)

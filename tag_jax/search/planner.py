@@ -1,8 +1,15 @@
 """The planner: seeds from hand-written plans on every candidate mesh, then anneals the best ones.
 
 `search(graph, topology, device_ids, ...)` returns the best strategy found within `time_budget_s`.
-It never returns a plan the simulator prices worse than a baseline on the meshes it considered,
-because the baselines are its seeds.
+It never returns a plan the simulator prices worse than a seed, on the meshes it considered.
+
+Order of work: the first mesh's baselines; the Alpa-style ILP on that mesh (`_ilp_seed`; most
+models solve to optimality in about a second, and where they do not its plan is the one the
+annealer is least likely to reach); the other meshes' baselines (Megatron on at least one 2-D mesh
+while three quarters of the budget are left) and, for small graphs, the 2-D tensor-parallel plan
+(`two_d_strategy`); the policy's plans; then annealing on the two most promising meshes: argument
+shardings from the best seed with a decision vector, and op options from that result and from the
+best seed the decision vector cannot express (ILP, 2-D) each.
 """
 from __future__ import annotations
 
@@ -14,13 +21,17 @@ from typing import Sequence
 
 import numpy as np
 
-from tag_jax.hlo.graph import OpGraph
+from tag_jax.hlo.graph import OpGraph, Role
 from tag_jax.search.anneal import (Annealer, SearchResult, anneal_ops, candidate_meshes,
                                    device_orders)
 from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
 
 SEED_PLANS = ("data_parallel", "fsdp", "megatron")
-ILP_SHARE = 0.25  # of the time budget, for the ILP seed on the first mesh (skipped under 0.5 s)
+ILP_SHARE = 0.5  # of the time budget, at most, for the ILP seed on the first mesh, build included
+# (skipped under 0.5 s)
+ILP_SHARE_LARGE = 0.75  # the same where one seed costs more than 1/80 of the budget (large graphs)
+SETTLED_WEIGHT = 0.5  # share of a mesh whose best seed is a proven-optimal ILP plan, against 1
+TWO_D_OPTIONS = 60_000  # the 2-D seed on graphs with at most this many op options (one propagate)
 
 
 class PlanningError(ValueError):
@@ -54,11 +65,21 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     has_1d = any(len(m.shape) == 1 for m in meshes)
     strategies_by_axes: dict[tuple, tuple] = {}
     seeds: dict[str, float] = {}
-    scored = []  # (score, name, cost, strategy, annealer, start decision)
+    # (score, name, cost, strategy, annealer, start decision); the decision is None for seeds the
+    # argument annealer cannot express (the ILP's plan, the 2-D tensor-parallel plan)
+    scored = []
     history = []
+    settled = set()  # seeds that op-option annealing cannot improve: an ILP plan proven optimal
+    ilp_spent = None  # seconds the ILP took (None: not tried yet)
     for mesh in meshes:
-        if scored and time.perf_counter() - t0 > 0.4 * time_budget_s:
-            break  # keep time to improve what we have
+        if scored and ilp_spent is None:
+            ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
+                                  memory_limit, progress)
+        spent = time.perf_counter() - t0
+        if scored and spent > 0.4 * time_budget_s and (
+                spent > 0.75 * time_budget_s or len(mesh.shape) != 2
+                or any(n.startswith("megatron") for n in seeds)):
+            break  # keep time to improve what we have (but Megatron, on one 2-D mesh, if it can)
         key = tuple(mesh.axes.items())
         if key not in strategies_by_axes:
             strategies_by_axes[key] = rules.for_graph(graph, mesh.axes)
@@ -77,7 +98,12 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             score = _score(cost, memory_limit)
             seeds[f"{kind} {label}"] = cost.step_time_s
             scored.append((score, f"{kind} {label}", cost, strategy, ann, _start(ann, kind)))
-        if len(scored) == len(seeds) and not any(n.startswith("replicated") for n in seeds):
+        if len(mesh.shape) == 2 and sum(map(len, ops)) <= TWO_D_OPTIONS:
+            strategy = two_d_strategy(graph, ops, mesh, carried)
+            cost = sim.cost(strategy)
+            seeds[f"2d {label}"] = cost.step_time_s
+            scored.append((_score(cost, memory_limit), f"2d {label}", cost, strategy, ann, None))
+        if not any(n.startswith("replicated") for n in seeds):
             # Every device computing everything: no communication at all, which wins for small
             # models on slow links (and any plan the annealer finds from it is priced alike).
             strategy = replicated_strategy(graph, mesh)
@@ -87,10 +113,12 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                            tuple([0] * len(ann.groups) + [0])))
         if progress:
             _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
-    if ILP_SHARE * time_budget_s >= 0.5:
-        _add_ilp_seed(graph, topology, scored, seeds, ILP_SHARE * time_budget_s, memory_limit)
-        if progress:
-            _say(f"ILP seed: best {min(s[0] for s in scored):.4g} s", t0)
+    if ilp_spent is None:  # one mesh only
+        ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
+                              memory_limit, progress)
+    # what one seed cost (the rules, simulator and annealer of its mesh shared among its seeds):
+    # the yardstick for whether argument annealing, one propagate and pricing a move, is affordable
+    seed_seconds = (time.perf_counter() - t0 - ilp_spent) / max(len(scored), 1)
     if policy is not None and time.perf_counter() - t0 < 0.6 * time_budget_s:
         _add_policy_seeds(policy, graph, topology, scored, seeds)
         if progress:
@@ -99,41 +127,62 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     best_score, best_name, best_cost, best_strategy = scored[0][:4]
     decisions = {}
     history.append((time.perf_counter() - t0, best_score))
-    seed_seconds = (time.perf_counter() - t0) / max(len(scored), 1)
-    # Improve the best seed of each of the two most promising meshes, sharing what is left:
-    # argument-sharding annealing where re-propagating is cheap enough to try many candidates,
-    # then op-option annealing with incremental pricing.
+    # Improve the two most promising meshes, sharing what is left. On each: argument-sharding
+    # annealing from its best seed that has a decision vector, where re-propagating is cheap
+    # enough to try many candidates; then op-option annealing with incremental pricing from the
+    # better of that and its seed and, when the mesh has a seed the decision vector cannot
+    # express (the ILP's plan, the 2-D plan), from the best such seed too, in equal parts: such a
+    # seed lies in another basin, which moves from the first would not reach (and annealing the
+    # arguments from the ILP's plan would lose what makes it good). The better result counts.
     tops, seen = [], set()
     for s in scored:
         # The baselines pick the meshes (a policy seed may only replace the start on its mesh):
         # the policy's mesh ranking is its weakest output, and a wrong one would cost a mesh.
         if s[4].mesh not in seen and math.isfinite(s[0]) and not s[1].startswith("policy"):
             seen.add(s[4].mesh)
-            tops.append(next(t for t in scored if t[4] is s[4]))
+            tops.append([t for t in scored if t[4] is s[4]])
         if len(tops) == 2:
             break
     evaluations = len(scored)
-    for i, (score0, name, cost0, strategy0, ann, start) in enumerate(tops):
+    # a mesh whose best seed is an optimal ILP plan has less to gain: the other gets more time
+    weights = [SETTLED_WEIGHT if m[0][1] in settled else 1.0 for m in tops]
+    for i, on_mesh in enumerate(tops):
         remaining = time_budget_s - (time.perf_counter() - t0)
         if remaining <= 0:
             break
-        deadline = time.perf_counter() + remaining / (len(tops) - i)
-        score, cost, strategy = score0, cost0, strategy0
-        if remaining / (len(tops) - i) > 40 * seed_seconds:
-            def improved(value: float, _name=name) -> None:
+        share = remaining * weights[i] / sum(weights[i:])
+        deadline = time.perf_counter() + share
+        ann = on_mesh[0][4]
+        first = next(t for t in on_mesh if t[5] is not None)  # the baselines always have one
+        other = next((t for t in on_mesh if t[5] is None and math.isfinite(t[0])
+                      and t[1] not in settled), None)
+        phases = 2 if other is None else 3
+        score, name, cost, strategy = first[:4]
+        if share > 40 * seed_seconds:
+            def improved(value: float, _name=first[1]) -> None:
                 history.append((time.perf_counter() - t0, value))
                 if progress:
                     _say(f"annealing shardings from {_name}: {value:.4g} s", t0)
 
-            half = time.perf_counter() + (deadline - time.perf_counter()) / 2
-            s2, c2, st2, decision = ann.run(start, half, rng, improved)
+            until = time.perf_counter() + (deadline - time.perf_counter()) / phases
+            s2, c2, st2, decision = ann.run(first[5], until, rng, improved)
             evaluations += ann.evaluations
             if s2 < score:
                 score, cost, strategy = s2, c2, st2
+                name = f"{first[1]}, shardings annealed"
                 decisions = {g.key: g.options[k] for g, k in zip(ann.groups, decision)}
-        strategy, cost, moves = anneal_ops(ann.sim, strategy, deadline, rng, memory_limit=memory_limit)
-        evaluations += moves
-        score = _score(cost, memory_limit)
+        starts = [(score, name, cost, strategy)]
+        if other is not None:
+            starts.append(other[:4])
+        results = []
+        for j, (score, name, cost, strategy) in enumerate(starts):
+            until = time.perf_counter() + (deadline - time.perf_counter()) / (len(starts) - j)
+            strategy, cost, moves = anneal_ops(ann.sim, strategy, until, rng, memory_limit=memory_limit)
+            evaluations += moves
+            results.append((_score(cost, memory_limit), name, cost, strategy))
+            if progress:
+                _say(f"annealed ops from {name}: {results[-1][0]:.4g} s ({moves} moves)", t0)
+        score, name, cost, strategy = min(results, key=lambda r: r[0])
         if permute:  # device assignment: the same plan on other orders of the same devices
             for order in device_orders(ann.mesh, topology):
                 moved = dataclasses.replace(strategy, mesh=order)
@@ -141,8 +190,6 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                 evaluations += 1
                 if _score(c, memory_limit) < score:
                     strategy, cost, score = moved, c, _score(c, memory_limit)
-        if progress:
-            _say(f"annealed ops from {name}: {score:.4g} s ({moves} moves)", t0)
         if score < best_score:
             best_score, best_cost, best_strategy = score, cost, strategy
             best_name = f"annealed from {name}"
@@ -162,23 +209,51 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                         history=tuple(history))
 
 
-def _add_ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, time_limit_s: float,
-                  memory_limit: float | None) -> None:
-    """The Alpa-style ILP's plan (tag_jax.search.ilp) on the first seeded mesh joins the seeds: over
-    the same options it often beats the baselines by far (benchmarks/RESULTS.md), and annealing
-    can still improve it. Time-limited; no seed when nothing fits."""
+def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set, t0: float,
+              time_budget_s: float, memory_limit: float | None, progress: bool) -> float:
+    """The ILP on the first mesh, right after its baselines (before the other meshes and the
+    policy): it returns as soon as it proves its plan optimal (most models in about a second),
+    and where it does not, its plan is the one the annealer is least likely to reach
+    (benchmarks/RESULTS.md). Its limit, building the problem included, is at most ILP_SHARE of
+    the budget (ILP_SHARE_LARGE for large graphs) and leaves a twentieth; it is skipped when that is under what seeding the first
+    mesh took (building the problem takes about as long). Returns the seconds it took."""
+    start = time.perf_counter()
+    spent = start - t0
+    # Where one seed costs so much that argument annealing is out of reach (40 evaluations in
+    # half the budget), the annealer can do little beyond the seeds: the ILP may take more.
+    share = ILP_SHARE if 40 * spent / len(scored) < time_budget_s / 2 else ILP_SHARE_LARGE
+    ilp_s = min(share * time_budget_s, 0.95 * time_budget_s - spent)
+    info = None
+    if ilp_s >= max(0.5, spent):
+        info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s, memory_limit)
+    if info is not None and info["status"] == "optimal":
+        settled.add(scored[-1][1])  # (for the ILP's objective, the no-overlap time it anneals)
+    if progress and info is not None:
+        _say(f"ILP seed ({info['status']}): best {min(s[0] for s in scored):.4g} s", t0)
+    return time.perf_counter() - start
+
+
+def _add_ilp_seed(graph: OpGraph, topology, ann: Annealer, scored: list, seeds: dict,
+                  time_limit_s: float, memory_limit: float | None) -> dict | None:
+    """The Alpa-style ILP's plan (tag_jax.search.ilp) on `ann`'s mesh joins the seeds: over the
+    same options it often beats the baselines by far (benchmarks/RESULTS.md), and annealing can
+    still improve it. Time-limited; reuses the annealer's simulator; no seed when nothing fits.
+    Returns the ILP's info (None without a plan)."""
     from tag_jax.search.ilp import ilp_strategy
 
-    ann = scored[0][4]
     try:
-        strategy, _ = ilp_strategy(graph, ann.op_strategies, topology, ann.mesh,
-                                   time_limit_s=time_limit_s, memory_limit=memory_limit)
+        strategy, info = ilp_strategy(graph, ann.op_strategies, topology, ann.mesh,
+                                      time_limit_s=time_limit_s, memory_limit=memory_limit,
+                                      simulator=ann.sim, limit_includes_build=True)
     except PlanningError:
-        return
-    cost = ann.sim.cost(strategy)
+        return None
+    if info["status"].startswith("no solution"):
+        return info  # (data parallel stands in for it: a seed already)
+    cost = info["cost"]
     name = f"ilp {_mesh_label(ann.mesh)}"
     seeds[name] = cost.step_time_s
-    scored.append((_score(cost, memory_limit), name, cost, strategy, ann, _start(ann, "data_parallel")))
+    scored.append((_score(cost, memory_limit), name, cost, strategy, ann, None))
+    return info
 
 
 def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict) -> None:
@@ -194,6 +269,39 @@ def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dic
         name = f"policy {_mesh_label(ann.mesh)}"
         seeds[name] = cost.step_time_s
         scored.append((score, name, cost, strategy, ann, g.decision))
+
+
+def two_d_strategy(graph: OpGraph, op_strategies, mesh: MeshSpec, carried: dict) -> Strategy:
+    """2-D tensor parallelism on a (data, model) mesh, weights stationary: every parameter of two
+    or more dimensions (and its optimizer state) stored split over both axes, `model` on its
+    second-to-last dimension and `data` on its last, and used where it lies (Optimus/SUMMA style:
+    no gathers, each matmul a partial sum); other parameters split over both axes on their
+    largest dimension; the batch over `data`; op options by `propagate`. Its op options are far
+    from the best, so it seeds op-option annealing rather than standing as a baseline."""
+    from tag_jax.search.propagate import propagate
+
+    data, model = mesh.axis_names
+    axes = mesh.axes
+    ins = []
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        nd, shape = len(t.shape), t.shape
+        dims = [()] * nd
+        if t.role in (Role.PARAMETER, Role.OPTIMIZER_STATE) and nd:
+            if nd >= 2 and shape[-2] % axes[model] == 0 and shape[-1] % axes[data] == 0 \
+                    and shape[-2] > 1 and shape[-1] > 1:
+                dims[-2], dims[-1] = (model,), (data,)
+            else:
+                d = max(range(nd), key=lambda k: (shape[k], -k))
+                if shape[d] % mesh.size == 0 and shape[d] > 1:
+                    dims[d] = (data, model)
+        elif t.role == Role.BATCH and nd and shape[0] % axes[data] == 0:
+            dims[0] = (data,)
+        ins.append(TensorSharding(tuple(dims)))
+    by_input = dict(zip(graph.inputs, ins))
+    wanted = {out: by_input[src] for out, src in carried.items()}
+    choices = propagate(graph, op_strategies, mesh, ins, outputs=wanted)
+    return Strategy(mesh, choices, tuple(ins), name="2d")
 
 
 def replicated_strategy(graph: OpGraph, mesh: MeshSpec) -> Strategy:

@@ -77,40 +77,49 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
     nbytes_of = [t.nbytes for t in graph.tensors]
 
     out_pos = {tid: k for op in graph.ops for k, tid in enumerate(op.outputs)}
+    producer_of = [t.producer for t in graph.tensors]
     factors: dict[tuple[int, int], float] = {}  # by object identity: the options are shared objects
     par: dict[int, tuple[int, int]] = {}
+    bonus: dict[tuple[int, int], float] = {}  # prefer(op, option), asked once per pair
 
-    def moved(src: TensorSharding | None, dst: TensorSharding, nbytes: float) -> float:
-        if src is None or src is dst:
-            return 0.0
+    def factor(src: TensorSharding, dst: TensorSharding) -> float:
         k = (id(src), id(dst))
         f = factors.get(k)
         if f is None:
             f = factors[k] = reshard_bytes(src, dst, 1.0, axes)
-        return f * nbytes
+        return f
 
     def made(tid: int) -> TensorSharding | None:
-        t = graph.tensors[tid]
-        if t.producer is None:
+        p = producer_of[tid]
+        if p is None:
             return fixed.get(tid)
-        k = choice[t.producer]
-        return None if k is None else op_strategies[t.producer][k].outputs[out_pos[tid]]
+        k = choice[p]
+        return None if k is None else op_strategies[p][k].outputs[out_pos[tid]]
 
     def key(op: Op, k: int, look_ahead: bool) -> tuple:
         s = op_strategies[op.id][k]
         cost = 0.0
         for tid, want in zip(op.inputs, s.inputs):
-            cost += moved(made(tid), want, nbytes_of[tid])
+            src = made(tid)
+            if src is not None and src is not want:
+                cost += factor(src, want) * nbytes_of[tid]
         for tid, got in zip(op.outputs, s.outputs):
             nbytes = nbytes_of[tid]
-            if tid in wanted_out:
-                cost += moved(got, wanted_out[tid], nbytes)
+            w = wanted_out.get(tid)
+            if w is not None and w is not got:
+                cost += factor(got, w) * nbytes
             if look_ahead:
                 for j, pos in uses.get(tid, ()):
-                    if choice[j] is not None:
-                        cost += moved(got, op_strategies[j][choice[j]].inputs[pos], nbytes)
+                    c = choice[j]
+                    if c is not None:
+                        want = op_strategies[j][c].inputs[pos]
+                        if want is not got:
+                            cost += factor(got, want) * nbytes
         if prefer is not None:
-            cost -= float(prefer(op, s))
+            b = bonus.get((op.id, k))
+            if b is None:
+                b = bonus[(op.id, k)] = float(prefer(op, s))
+            cost -= b
         p = par.get(id(s))
         if p is None:
             p = par[id(s)] = (parallelism(s, axes), len(s.split_axes))
