@@ -10,6 +10,9 @@ concrete toy inputs on 8 CPU devices, and compare every output with the unsharde
     python benchmarks/equivalence.py --random 5 --models mlp gpt2 --budget-s 600
     python benchmarks/equivalence.py --part 0/2 --jsonl a.jsonl   # split over processes, then
     python benchmarks/equivalence.py --report a.jsonl b.jsonl --markdown benchmarks/EQUIVALENCE.md
+    python benchmarks/equivalence.py --rerun-failed a.jsonl --jsonl b.jsonl   # only a's failures
+
+In `--report`, a later record of the same (model, mesh, strategy) replaces an earlier one (a rerun).
 
 Strategies run round-robin over the cases (round 0: the baselines of every case, then random
 strategy 0 of every case, ...), so a run stopped by `--budget-s` has covered all cases evenly.
@@ -146,6 +149,11 @@ def run(args) -> list[dict]:
     part, parts = (int(x) for x in args.part.split("/"))
     cases = cases[part::parts]
     rounds = [list(baselines.BASELINES)] + [[f"random:{k}"] for k in range(args.random)]
+    if args.rerun_failed:
+        failed = [r for r in _latest(_read(args.rerun_failed)) if not r["ok"]]
+        cases = sorted({(r["model"], r["mesh"]) for r in failed})
+        rounds = [[r["which"]] for r in failed]
+        wanted = {(r["model"], r["mesh"], r["which"]) for r in failed}
     start = time.perf_counter()
     model_cache: dict = {}
     built: dict = {}
@@ -158,6 +166,8 @@ def run(args) -> list[dict]:
                 if args.budget_s and time.perf_counter() - start > args.budget_s:
                     stopped = True
                     break
+                if args.rerun_failed and (n, m, which) not in wanted:
+                    continue
                 if (n, m) not in built:
                     built[(n, m)] = Case(n, m, model_cache)
                 rec = built[(n, m)].run(which, args.seed)
@@ -178,6 +188,17 @@ def run(args) -> list[dict]:
     if stopped:
         print(f"budget of {args.budget_s:.0f} s reached; stopped", flush=True)
     return records
+
+
+def _read(paths) -> list[dict]:
+    paths = [paths] if isinstance(paths, str) else paths
+    return [json.loads(line) for f in paths for line in open(f) if line.strip()]
+
+
+def _latest(records: list[dict]) -> list[dict]:
+    """One record per (model, mesh, strategy): the last one (a rerun replaces the first run)."""
+    last = {(r["model"], r["mesh"], r["which"]): r for r in records}
+    return list(last.values())
 
 
 def table(records: list[dict]) -> str:
@@ -212,9 +233,11 @@ def main(argv=None) -> int:
     p.add_argument("--jsonl", default=None, help="append one JSON record per strategy run")
     p.add_argument("--report", nargs="*", default=None, help="only tabulate these jsonl files")
     p.add_argument("--markdown", default=None, help="write the table (and failures) here")
+    p.add_argument("--rerun-failed", default=None, metavar="JSONL",
+                   help="run only the strategies that failed in this jsonl file")
     args = p.parse_args(argv)
     if args.report is not None:
-        records = [json.loads(line) for f in args.report for line in open(f) if line.strip()]
+        records = _latest(_read(args.report))
     else:
         records = run(args)
     text = table(records)
