@@ -136,3 +136,24 @@ def test_ilp_limit_can_bound_the_whole_call():
     assert info["solve_s"] < max(0.0, 1.5 - info["build_s"]) + 1.0, info
     if info["build_s"] > 1.5:
         assert info["status"] == "no solution in time limit: data_parallel"
+
+
+def test_ilp_is_feasible_with_a_fixed_carried_target():
+    # regression: a vocab of 126 does not split over 8 devices, so the optimizer state of the
+    # MLM bias has one (replicated) option; its carried result is then a constant target beside
+    # an op consumer, and the several-consumer edge rows once put that constant on the wrong side
+    # (sum_k e_kl = -1), making the whole ILP infeasible with no memory limit
+    ex = models.get("bert", "toy", vocab=126, n_layer=1)
+    graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+    ops = rules.for_graph(graph, MESH8.axes)
+    sim = Simulator(graph, ops, TOPO, MESH8, carried=carried_outputs(graph))
+    strategy, info = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20, simulator=sim)
+    assert info["status"] == "optimal"
+    assert strategy.name == "ilp"
+    np.testing.assert_allclose(info["objective_s"], info["no_overlap_s"], rtol=1e-9)
+    assert info["step_time_s"] == sim.cost(strategy).step_time_s
+    # no worse than replicating everything (option 0 of every unit), which is always feasible
+    units = decision_units(graph, ops, MESH8)
+    b = _Builder(graph, ops, TOPO, MESH8, units, sim)
+    replicated = sim.cost(b.decode(_replicated(b), "r"), overlap=False).step_time_s
+    assert info["objective_s"] <= replicated * (1 + 1e-9)

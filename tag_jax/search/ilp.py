@@ -73,9 +73,12 @@ class _Problem:
 
 # An indicator: a frozenset of binary variables whose sum it is, or True (constant 1).
 def _terms(ind, sign: float = 1.0, into: dict | None = None) -> tuple[dict, float]:
+    """Adds `sign * ind` to the row terms `into`; returns (terms, rhs): what moves to the right
+    hand side, -sign for the constant indicator True (a row `terms == rhs` then means
+    `into + sign * ind == 0`), 0 otherwise."""
     into = {} if into is None else into
     if ind is True:
-        return into, sign
+        return into, -sign
     for v in ind:
         into[v] = into.get(v, 0.0) + sign
     return into, 0.0
