@@ -30,6 +30,7 @@ SEED_PLANS = ("data_parallel", "fsdp", "megatron")
 ILP_SHARE = 0.5  # of the time budget, at most, for the ILP seed on the first mesh, build included
 # (skipped under 0.5 s)
 ILP_SHARE_LARGE = 0.75  # the same where one seed costs more than 1/80 of the budget (large graphs)
+SEED_SECONDS_PER_OP = 4e-5  # one seed's pricing per op (GPT-2 small: 5,781 ops, ~0.25 s/seed here)
 SETTLED_WEIGHT = 0.5  # share of a mesh whose best seed is a proven-optimal ILP plan, against 1
 TWO_D_OPTIONS = 60_000  # the 2-D seed on graphs with at most this many op options (one propagate)
 
@@ -119,7 +120,10 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     # what one seed cost (the rules, simulator and annealer of its mesh shared among its seeds):
     # the yardstick for whether argument annealing, one propagate and pricing a move, is affordable
     seed_seconds = (time.perf_counter() - t0 - ilp_spent) / max(len(scored), 1)
-    if policy is not None and time.perf_counter() - t0 < 0.6 * time_budget_s:
+    # The policy's seeds (features and one network call per mesh, ~0.5 s) whenever the budget
+    # allows them, not by the clock, so one seed gives the same seeds on a busier machine; only a
+    # budget already spent skips them.
+    if policy is not None and time_budget_s >= 1.0 and time.perf_counter() - t0 < 0.9 * time_budget_s:
         _add_policy_seeds(policy, graph, topology, scored, seeds)
         if progress:
             _say(f"policy seeds: best {min(s[0] for s in scored):.4g} s", t0)
@@ -215,16 +219,20 @@ def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set,
     policy): it returns as soon as it proves its plan optimal (most models in about a second),
     and where it does not, its plan is the one the annealer is least likely to reach
     (benchmarks/RESULTS.md). Its limit, building the problem included, is at most ILP_SHARE of
-    the budget (ILP_SHARE_LARGE for large graphs) and leaves a twentieth; it is skipped when that is under what seeding the first
-    mesh took (building the problem takes about as long). Returns the seconds it took."""
+    the budget (ILP_SHARE_LARGE for large graphs) and leaves a twentieth (at least 0.1 s); it is
+    skipped when that share is under 0.5 s. Returns the seconds it took."""
     start = time.perf_counter()
     spent = start - t0
     # Where one seed costs so much that argument annealing is out of reach (40 evaluations in
-    # half the budget), the annealer can do little beyond the seeds: the ILP may take more.
-    share = ILP_SHARE if 40 * spent / len(scored) < time_budget_s / 2 else ILP_SHARE_LARGE
-    ilp_s = min(share * time_budget_s, 0.95 * time_budget_s - spent)
+    # half the budget), the annealer can do little beyond the seeds: the ILP may take more. The
+    # seed's cost is estimated from the op count, not timed, so the choice does not depend on load.
+    seed_s = SEED_SECONDS_PER_OP * len(graph.ops)
+    share = ILP_SHARE if 40 * seed_s < time_budget_s / 2 else ILP_SHARE_LARGE
+    # Whether it runs depends on the budget alone, so that one seed gives the same seeds on a
+    # slower or busier machine; the clock only shortens its limit.
+    ilp_s = max(0.1, min(share * time_budget_s, 0.95 * time_budget_s - spent))
     info = None
-    if ilp_s >= max(0.5, spent):
+    if share * time_budget_s >= 0.5:
         info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s, memory_limit)
     if info is not None and info["status"] == "optimal":
         settled.add(scored[-1][1])  # (for the ILP's objective, the no-overlap time it anneals)
