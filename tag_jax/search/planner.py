@@ -72,8 +72,10 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     history = []
     settled = set()  # seeds that op-option annealing cannot improve: an ILP plan proven optimal
     ilp_spent = None  # seconds the ILP took (None: not tried yet)
-    for mesh in meshes:
-        if scored and ilp_spent is None:
+    for k, mesh in enumerate(meshes):
+        # The ILP (on the first mesh) runs once a 2-D mesh has been seeded too, so that Megatron,
+        # a baseline the plan must not lose to, is always among the seeds when there is one.
+        if scored and ilp_spent is None and (k >= 2 or all(len(m.shape) == 1 for m in meshes)):
             ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
                                   memory_limit, progress)
         spent = time.perf_counter() - t0
@@ -215,12 +217,12 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
 
 def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set, t0: float,
               time_budget_s: float, memory_limit: float | None, progress: bool) -> float:
-    """The ILP on the first mesh, right after its baselines (before the other meshes and the
-    policy): it returns as soon as it proves its plan optimal (most models in about a second),
+    """The ILP on the first mesh, once the first mesh and one 2-D mesh are seeded (before the
+    other meshes and the policy): it returns as soon as it proves its plan optimal (most models in about a second),
     and where it does not, its plan is the one the annealer is least likely to reach
     (benchmarks/RESULTS.md). Its limit, building the problem included, is at most ILP_SHARE of
-    the budget (ILP_SHARE_LARGE for large graphs) and leaves a twentieth (at least 0.1 s); it is
-    skipped when that share is under 0.5 s. Returns the seconds it took."""
+    the budget (ILP_SHARE_LARGE for large graphs) and leaves a twentieth; it is skipped when that
+    share, or what is left of the budget, is under 0.5 s. Returns the seconds it took."""
     start = time.perf_counter()
     spent = start - t0
     # Where one seed costs so much that argument annealing is out of reach (40 evaluations in
@@ -228,11 +230,11 @@ def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set,
     # seed's cost is estimated from the op count, not timed, so the choice does not depend on load.
     seed_s = SEED_SECONDS_PER_OP * len(graph.ops)
     share = ILP_SHARE if 40 * seed_s < time_budget_s / 2 else ILP_SHARE_LARGE
-    # Whether it runs depends on the budget alone, so that one seed gives the same seeds on a
-    # slower or busier machine; the clock only shortens its limit.
-    ilp_s = max(0.1, min(share * time_budget_s, 0.95 * time_budget_s - spent))
+    # Whether it runs depends on the budget (so that one seed gives the same seeds on a busier
+    # machine), except where the seeds already used all but half a second of it.
+    ilp_s = min(share * time_budget_s, 0.95 * time_budget_s - spent)
     info = None
-    if share * time_budget_s >= 0.5:
+    if share * time_budget_s >= 0.5 and ilp_s >= 0.5:
         info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s, memory_limit)
     if info is not None and info["status"] == "optimal":
         settled.add(scored[-1][1])  # (for the ILP's objective, the no-overlap time it anneals)
