@@ -58,15 +58,8 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
                           f"(at most {MAX_SUBSET_GROUPS}); pass groups=... or leave_out=False")
     sets = [tuple(groups)] if not leave_out else [
         c for r in range(len(groups), 0, -1) for c in itertools.combinations(groups, r)]
-    best, first_error = None, None
-    for chosen in sets:
-        try:
-            plan = _best_layout(pricer, chosen, probes, limits, n, topology, local, modes)
-        except (SharesError, UnevenError) as e:
-            first_error = first_error or e
-            continue
-        if plan is not None and (best is None or plan.step_time_s < best.step_time_s):
-            best = plan
+    best, first_error = _fastest(
+        lambda chosen: _best_layout(pricer, chosen, probes, limits, n, topology, local, modes), sets)
     if best is None:
         if first_error is not None:
             raise first_error
@@ -88,19 +81,30 @@ def _best_layout(pricer: Pricer, chosen, probes, limits, n: int, topology, local
             raise UnevenError(f"sub-groups of {local} device(s) do not divide the groups "
                               f"{[(g.name, g.size) for g in chosen]}; use one of {list(sizes)}")
         sizes = (local,)
-    best, error = None, None
-    for L, mode in [(L, m) for L in sizes for m in modes]:
-        try:
-            models = [pricer.group_model(g, probes, limits[g.name], L, mode) for g in chosen]
-            plan = _priced(pricer, chosen, models, limits, n, topology, L, mode)
-        except (SharesError, UnevenError) as e:
-            error = error or e
-            continue
-        if plan is not None and (best is None or plan.step_time_s < best.step_time_s):
-            best = plan
+    def priced(layout):
+        L, mode = layout
+        models = [pricer.group_model(g, probes, limits[g.name], L, mode) for g in chosen]
+        return _priced(pricer, chosen, models, limits, n, topology, L, mode)
+
+    best, error = _fastest(priced, [(L, m) for L in sizes for m in modes])
     if best is None and error is not None:
         raise error
     return best
+
+
+def _fastest(build, candidates):
+    """The fastest plan `build` makes from `candidates` (None if none), and the first error met
+    (a candidate that cannot be planned is skipped)."""
+    best, first_error = None, None
+    for c in candidates:
+        try:
+            plan = build(c)
+        except (SharesError, UnevenError) as e:
+            first_error = first_error or e
+            continue
+        if plan is not None and (best is None or plan.step_time_s < best.step_time_s):
+            best = plan
+    return best, first_error
 
 
 def _priced(pricer: Pricer, chosen, models, limits, n: int, topology, local: int = 1,
