@@ -31,6 +31,7 @@ ILP_SHARE = 0.5  # of the time budget, at most, for the ILP seed on the first me
 # (skipped under 0.5 s)
 ILP_SHARE_LARGE = 0.75  # the same where one seed costs more than 1/80 of the budget (large graphs)
 SEED_SECONDS_PER_OP = 4e-5  # one seed's pricing per op (GPT-2 small: 5,781 ops, ~0.25 s/seed here)
+POLICY_SECONDS_PER_OP_MESH = 6e-5  # the policy's seeds: features, network, one pricing per mesh
 SETTLED_WEIGHT = 0.5  # share of a mesh whose best seed is a proven-optimal ILP plan, against 1
 TWO_D_OPTIONS = 60_000  # the 2-D seed on graphs with at most this many op options (one propagate)
 
@@ -124,8 +125,11 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     seed_seconds = (time.perf_counter() - t0 - ilp_spent) / max(len(scored), 1)
     # The policy's seeds (features and one network call per mesh, ~0.5 s) whenever the budget
     # allows them, not by the clock, so one seed gives the same seeds on a busier machine; only a
-    # budget already spent skips them.
-    if policy is not None and time_budget_s >= 1.0 and time.perf_counter() - t0 < 0.9 * time_budget_s:
+    # budget already spent, or too short for them on this graph (estimated from its size), skips them.
+    policy_s = POLICY_SECONDS_PER_OP_MESH * len(graph.ops) * len({id(s[4]) for s in scored})
+    spent = time.perf_counter() - t0
+    if (policy is not None and time_budget_s >= 1.0 and spent < 0.9 * time_budget_s
+            and spent + policy_s < time_budget_s):
         _add_policy_seeds(policy, graph, topology, scored, seeds)
         if progress:
             _say(f"policy seeds: best {min(s[0] for s in scored):.4g} s", t0)

@@ -89,6 +89,8 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
             f = factors[k] = reshard_bytes(src, dst, 1.0, axes)
         return f
 
+    known = factors.get
+
     def made(tid: int) -> TensorSharding | None:
         p = producer_of[tid]
         if p is None:
@@ -96,40 +98,46 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
         k = choice[p]
         return None if k is None else op_strategies[p][k].outputs[out_pos[tid]]
 
-    def key(op: Op, k: int, look_ahead: bool) -> tuple:
-        s = op_strategies[op.id][k]
-        cost = 0.0
-        for tid, want in zip(op.inputs, s.inputs):
-            src = made(tid)
-            if src is not None and src is not want:
-                cost += factor(src, want) * nbytes_of[tid]
-        for tid, got in zip(op.outputs, s.outputs):
-            nbytes = nbytes_of[tid]
-            w = wanted_out.get(tid)
-            if w is not None and w is not got:
-                cost += factor(got, w) * nbytes
+    def keys(op: Op, look_ahead: bool) -> list[tuple]:
+        """The sort key of each of the op's options: (bytes to reshard around it, less parallel
+        work, fewer split axes, index). What its neighbours have is read once for all options."""
+        have = [(made(tid), nbytes_of[tid]) for tid in op.inputs]
+        around = []  # per output: (bytes, wanted graph-result sharding, what its consumers want)
+        for tid in op.outputs:
+            consumers = []
             if look_ahead:
                 for j, pos in uses.get(tid, ()):
                     c = choice[j]
                     if c is not None:
-                        want = op_strategies[j][c].inputs[pos]
-                        if want is not got:
-                            cost += factor(got, want) * nbytes
-        if prefer is not None:
-            b = bonus.get((op.id, k))
-            if b is None:
-                b = bonus[(op.id, k)] = float(prefer(op, s))
-            cost -= b
-        p = par.get(id(s))
-        if p is None:
-            p = par[id(s)] = (parallelism(s, axes), len(s.split_axes))
-        return (round(cost, 3), -p[0], -p[1], k)
-
-    def best(op: Op, look_ahead: bool) -> int:
-        return min(range(len(op_strategies[op.id])), key=lambda k: key(op, k, look_ahead))
+                        consumers.append(op_strategies[j][c].inputs[pos])
+            around.append((nbytes_of[tid], wanted_out.get(tid), consumers))
+        out = []
+        for k, s in enumerate(op_strategies[op.id]):
+            cost = 0.0
+            for (src, nbytes), want in zip(have, s.inputs):
+                if src is not None and src is not want:
+                    f = known((id(src), id(want)))  # (inlined: the hot loop of the planner's seeds)
+                    cost += (factor(src, want) if f is None else f) * nbytes
+            for (nbytes, w, consumers), got in zip(around, s.outputs):
+                if w is not None and w is not got:
+                    cost += factor(got, w) * nbytes
+                for want in consumers:
+                    if want is not got:
+                        f = known((id(got), id(want)))
+                        cost += (factor(got, want) if f is None else f) * nbytes
+            if prefer is not None:
+                b = bonus.get((op.id, k))
+                if b is None:
+                    b = bonus[(op.id, k)] = float(prefer(op, s))
+                cost -= b
+            p = par.get(id(s))
+            if p is None:
+                p = par[id(s)] = (parallelism(s, axes), len(s.split_axes))
+            out.append((round(cost, 3), -p[0], -p[1], k))
+        return out
 
     for op in graph.ops:
-        choice[op.id] = best(op, look_ahead=False)
+        choice[op.id] = min(keys(op, look_ahead=False))[3]
     # After the first full sweep only the neighbours of ops that changed can want to change.
     todo = set(range(len(graph.ops)))
     for sweep in range(refine):
@@ -137,8 +145,9 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
         for op in (reversed(graph.ops) if sweep % 2 == 0 else graph.ops):
             if op.id not in todo or len(op_strategies[op.id]) < 2:
                 continue
-            k = best(op, look_ahead=True)
-            if k != choice[op.id] and key(op, k, True) < key(op, choice[op.id], True):
+            ranked = keys(op, look_ahead=True)
+            k = min(ranked)[3]
+            if k != choice[op.id] and ranked[k] < ranked[choice[op.id]]:
                 choice[op.id] = k
                 changed.add(op.id)
         if not changed:
