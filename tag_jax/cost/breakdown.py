@@ -98,12 +98,13 @@ def group_rows(rows: Sequence[DeviceRow]) -> tuple[DeviceRow, ...]:
     return tuple(out)
 
 
-def _figures(d) -> tuple[float, float, float]:
-    return (d.flops, d.flops_fp32, d.memory_bandwidth)
+def _figures(d) -> tuple[float, float, float, float]:
+    return (d.flops, d.flops_fp32, d.matmul_flops_fp32, d.memory_bandwidth)
 
 
 def _busy_by_figures(graph, op_strategies, strategy, topology, sim, cost, carried) -> dict:
-    """Compute seconds of the step at each distinct (FLOP/s, fp32 FLOP/s, bandwidth) of the mesh.
+    """Compute seconds of the step at each distinct (FLOP/s, fp32 FLOP/s, fp32 matmul FLOP/s,
+    bandwidth) of the mesh.
 
     Each is the Simulator's compute time on a copy of the topology where every mesh device has
     those figures. The copy's mesh devices get fresh ids (and the strategy a mesh of them), so the
@@ -117,11 +118,11 @@ def _busy_by_figures(graph, op_strategies, strategy, topology, sim, cost, carrie
     step = max(topology.ids) + 1
     on_mesh = set(mesh.device_ids)
     for k, f in enumerate(sorted(kinds)):
-        flops, flops32, bw = f
+        flops, flops32, mm32, bw = f
         shift = (k + 1) * step
         alike = dataclasses.replace(topology, links=(), devices=tuple(
             dataclasses.replace(d, id=d.id + shift, flops=flops, flops_fp32=flops32,
-                                memory_bandwidth=bw) for d in topology.devices if d.id in on_mesh))
+                                flops_fp32_matmul=mm32, memory_bandwidth=bw) for d in topology.devices if d.id in on_mesh))
         moved = MeshSpec(mesh.shape, mesh.axis_names, tuple(i + shift for i in mesh.device_ids))
         s = Simulator(graph, op_strategies, alike, moved, efficiency=sim.efficiency,
                       memory_efficiency=sim.memory_efficiency, carried=carried, _shared=sim._sh)

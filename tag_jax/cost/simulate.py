@@ -16,8 +16,10 @@ Time. Compute of op i = max(flops / (shards * rate * COMPUTE_EFFICIENCY),
 local bytes / (memory bandwidth * MEMORY_EFFICIENCY)) where shards = product of the sizes of
 `OpStrategy.split_axes` and rate/bandwidth are the MINIMUM over the mesh's devices (work is split
 evenly, so the slowest device bounds every op). The rate is the device's dense 16-bit peak
-(`Device.flops`) when the op's floating operands are 16-bit or narrower, else its fp32 peak
-(`Device.flops_fp32`; TF32 is not assumed). Collectives are priced with `comm_time` (max over the
+(`Device.flops`) when the op's floating operands are 16-bit or narrower; else, for a float32
+dot_general or convolution at JAX's default precision, its default-precision matmul peak
+(`Device.matmul_flops_fp32`: TF32 on NVIDIA Ampere and later, one bf16 pass on TPU), and for
+everything else (or precision HIGHEST) its fp32 peak (`Device.flops_fp32`). Collectives are priced with `comm_time` (max over the
 parallel device groups). With `overlap=True` there are two resources, one compute stream running ops
 in program order and one communication stream running reshards first-in first-out in order of
 their source tensor's readiness; a reshard starts when its source is ready and the stream is free,
@@ -243,6 +245,7 @@ class Simulator:
             floats = [g.tensors[t].dtype for t in op.inputs + op.outputs
                       if jnp.issubdtype(g.tensors[t].dtype, jnp.floating)]
             is16[i] = bool(floats) and max(d.itemsize for d in floats) <= 2
+        fast_mm = np.array([_default_precision_matmul(op) for op in g.ops], bool)
         op_io = np.array([sum(g.tensors[t].nbytes for t in op.inputs + op.outputs) for op in g.ops],
                          np.float64)
         # (row, sharding id, tensor bytes) for every operand of every (op, strategy) row
@@ -263,6 +266,7 @@ class Simulator:
                     outputs=np.array(sorted(out_set - set(g.inputs)), np.int64),
                     consumers_of=consumers_of, n_ops=n_ops, repl={},
                     splits=splits, row_split=np.array(row_split, np.int64), is16=is16, op_io=op_io,
+                    fast_mm=fast_mm,
                     op_flops=np.array([op.flops for op in g.ops], np.float64),
                     op_bytes=np.array([op.bytes for op in g.ops], np.float64),
                     row_op=np.repeat(np.arange(n_ops), nst),
@@ -282,9 +286,10 @@ class Simulator:
         devs = [topo.device(i) for i in mesh.device_ids]
         rate16 = min(d.flops for d in devs) * self.efficiency
         rate32 = min(d.flops_fp32 for d in devs) * self.efficiency
+        rate_mm32 = min(d.matmul_flops_fp32 for d in devs) * self.efficiency
         bw = min(d.memory_bandwidth for d in devs) * self.memory_efficiency
         key = (tuple(mesh.shape), mesh.axis_names, frozenset(mesh.device_ids), self.efficiency,
-               self.memory_efficiency)
+               self.memory_efficiency, rate16, rate32, rate_mm32, bw)
         self._shards = np.zeros(0, np.float64)
         self._ensure_shards()
         comp = sh["comp_cache"].get(key)
@@ -307,7 +312,7 @@ class Simulator:
             io = sh["op_io"][op]
             moved = np.where(io > 0, sh["op_bytes"][op] * local / np.where(io > 0, io, 1),
                              sh["op_bytes"][op] / shards)
-            rate = np.where(sh["is16"][op], rate16, rate32)
+            rate = np.where(sh["is16"][op], rate16, np.where(sh["fast_mm"][op], rate_mm32, rate32))
             comp = np.maximum(sh["op_flops"][op] / shards / rate, moved / bw)
             sh["comp_cache"][key] = comp
         self._comp = comp
@@ -828,3 +833,22 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f} {unit}"
     return f"{x:.0f} "
+
+_MATMULS = ("dot_general", "conv_general_dilated")
+_FULL_FP32 = ("highest", "float32", "f32_f32_f32")
+
+
+def _default_precision_matmul(op) -> bool:
+    """A dot/conv that JAX runs at its default precision (so TF32 / one bf16 pass where the device
+    has it): neither the op nor `jax_default_matmul_precision` asks for full float32."""
+    if op.primitive not in _MATMULS:
+        return False
+    import jax
+
+    names = [str(p).lower().split(".")[-1] for p in _as_tuple(op.params.get("precision"))]
+    names.append(str(jax.config.jax_default_matmul_precision or "").lower())
+    return not any(n in _FULL_FP32 for n in names)
+
+
+def _as_tuple(x) -> tuple:
+    return () if x is None else tuple(x) if isinstance(x, (tuple, list)) else (x,)

@@ -131,7 +131,11 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
     nbytes = np.array([op.bytes for op in graph.ops], np.float64)
     half = np.array([bool(op.outputs) and graph.tensors[op.outputs[0]].dtype.itemsize <= 2
                      for op in graph.ops])
-    rate = np.where(half[:, None], [d.flops for d in devs], [d.flops_fp32 for d in devs]) * _EFF
+    # (float32 dots and convolutions at the device's default-precision matmul rate, as the simulator)
+    mm = np.array([op.primitive in ("dot_general", "conv_general_dilated") for op in graph.ops])
+    rate = np.where(half[:, None], [d.flops for d in devs],
+                    np.where(mm[:, None], [d.matmul_flops_fp32 for d in devs],
+                             [d.flops_fp32 for d in devs])) * _EFF
     t_op = np.maximum(flops[:, None] / rate, nbytes[:, None] / (np.array([d.memory_bandwidth for d in devs]) * _MEM_EFF))
     t_gd = np.zeros((G + 1, D))
     np.add.at(t_gd, owner, t_op)
@@ -200,7 +204,7 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
     for j, d in enumerate(devs):
         r = G + 1 + j
         x[r, 13] = d.flops / max_fl
-        x[r, 14] = d.flops_fp32 / max(e.flops_fp32 for e in devs)
+        x[r, 14] = d.matmul_flops_fp32 / max(e.matmul_flops_fp32 for e in devs)
         x[r, 15] = d.memory / max_m
         x[r, 16] = d.memory_bandwidth / max_mbw
         x[r, 17] = node_size[d.node] / D

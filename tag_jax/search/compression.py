@@ -440,7 +440,8 @@ def build_problem(graph: OpGraph, op_strategies, strategy: Strategy, sim, cands:
                 p = graph.tensors[c.root].producer
                 it = item(("lossy", c.root, method), p, n_ops)
                 it["terms"][xi] = _collective_seconds(sim, lc.collectives, c.axes)
-                rate = min(sim.topology.device(i).flops_fp32 for i in strategy.mesh.device_ids) * sim.efficiency
+                rate = min(sim.topology.device(i).matmul_flops_fp32  # (the factors' matmuls)
+                           for i in strategy.mesh.device_ids) * sim.efficiency
                 comp_terms.append({p: lc.extra_flops / rate} if lc.extra_flops else {})
                 priced.append(dict(lossy=lc, removed=keys, added=[]))
     for b, (key, secs) in enumerate(b_terms):

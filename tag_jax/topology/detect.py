@@ -42,7 +42,8 @@ def detect(devices=None) -> Topology:
         coords = getattr(d, "coords", None) if d.platform == "tpu" else None
         out.append(Device(position.get((d.platform, d.id), k), kind, figures.flops,
                           figures.flops_fp32, memory, figures.memory_bandwidth, int(node),
-                          None if coords is None else tuple(int(c) for c in coords)))
+                          None if coords is None else tuple(int(c) for c in coords),
+                          figures.flops_fp32_matmul))
     kind = out[0].kind
     intra = _INTRA.get(kind, hw.PCIE3)
     inter = hw.IB_EDR if kind != "cpu" else hw.ETH_25G

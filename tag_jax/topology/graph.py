@@ -31,6 +31,15 @@ class Device:
     memory_bandwidth: float  # bytes/s
     node: int                # machine (GPU host) or slice (TPU): devices sharing the fast link
     coords: tuple[int, ...] | None = None  # position in its node's torus, when there is one
+    # FLOP/s of a float32 matmul or convolution at JAX's default precision, which is not true fp32
+    # where the hardware has a faster path: TF32 tensor cores on NVIDIA Ampere and later, one
+    # bf16 pass on TPU. None: no such path (`flops_fp32`).
+    flops_fp32_matmul: float | None = None
+
+    @property
+    def matmul_flops_fp32(self) -> float:
+        """What a float32 dot/conv runs at by default (`flops_fp32_matmul`, else `flops_fp32`)."""
+        return self.flops_fp32 if self.flops_fp32_matmul is None else self.flops_fp32_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,15 +260,16 @@ class Topology:
         """A readable table: one row per run of alike devices on a node, then the links."""
         lines = [f"Topology '{self.name}': {self.num_devices} devices on {len(self.nodes)} "
                  f"node(s), fingerprint {self.fingerprint()[:12]}",
-                 f"  {'node':>4}  {'ids':<9} {'kind':<10} {'TFLOP/s':>8} {'fp32':>7} "
+                 f"  {'node':>4}  {'ids':<9} {'kind':<10} {'TFLOP/s':>8} {'fp32':>7} {'f32 mm':>7} "
                  f"{'mem GB':>7} {'mem GB/s':>9} {'link GB/s':>9}"]
         for key, run in itertools.groupby(self.devices, key=lambda d: (
-                d.node, d.kind, d.flops, d.flops_fp32, d.memory, d.memory_bandwidth)):
+                d.node, d.kind, d.flops, d.flops_fp32, d.matmul_flops_fp32, d.memory,
+                d.memory_bandwidth)):
             ids = [d.id for d in run]
             span = str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
-            node, kind, fl, fl32, mem, bw = key
+            node, kind, fl, fl32, mm32, mem, bw = key
             link = f"{self.link(ids[0], ids[1]).bandwidth / 1e9:g}" if len(ids) > 1 else "-"
-            lines.append(f"  {node:>4}  {span:<9} {kind:<10} {fl / 1e12:>8.1f} {fl32 / 1e12:>7.1f} "
+            lines.append(f"  {node:>4}  {span:<9} {kind:<10} {fl / 1e12:>8.1f} {fl32 / 1e12:>7.1f} {mm32 / 1e12:>7.1f} "
                          f"{mem / 1e9:>7.1f} {bw / 1e9:>9.0f} {link:>9}")
         torus = f" (torus {'x'.join(map(str, self.torus))})" if self.torus else ""
         lines.append(f"  intra-node {_fmt_link(self.intra_node)}{torus}")

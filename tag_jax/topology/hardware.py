@@ -19,23 +19,28 @@ class Figures:
     flops_fp32: float        # FLOP/s, dense fp32 peak
     memory: float            # bytes
     memory_bandwidth: float  # bytes/s
+    # float32 matmul/conv at JAX's default precision ("TF32 on recent GPUs, bfloat16 on TPU", JAX's
+    # matmul-precision docs): NVIDIA's TF32 dense peak is half its bf16 dense peak on A100, H100
+    # and L4 (their sheets: 156 / 494.7 / 60 TFLOPS dense); a TPU's one bf16 pass runs at its bf16
+    # peak. None where there is no such path (Volta, Pascal, Turing: true fp32).
+    flops_fp32_matmul: float | None = None
 
 
 KNOWN_KINDS: dict[str, Figures] = {
-    "h100": Figures(989e12, 67e12, 80e9, 3.35e12),
+    "h100": Figures(989e12, 67e12, 80e9, 3.35e12, 494.7e12),
     # H200 is an H100 with HBM3e; its vendor sheet (not in REFERENCE.md) gives 141 GB at 4.8 TB/s.
-    "h200": Figures(989e12, 67e12, 141e9, 4.8e12),
-    "a100": Figures(312e12, 19.5e12, 40e9, 1.6e12),
-    "a100-80gb": Figures(312e12, 19.5e12, 80e9, 2.0e12),
+    "h200": Figures(989e12, 67e12, 141e9, 4.8e12, 494.7e12),
+    "a100": Figures(312e12, 19.5e12, 40e9, 1.6e12, 156e12),
+    "a100-80gb": Figures(312e12, 19.5e12, 80e9, 2.0e12, 156e12),
     "v100": Figures(125e12, 15.7e12, 16e9, 900e9),
     "v100-32gb": Figures(125e12, 15.7e12, 32e9, 900e9),
     "p100": Figures(18.7e12, 9.3e12, 16e9, 732e9),  # PCIe part; packed fp16, no tensor cores
     "1080ti": Figures(11.3e12, 11.3e12, 11e9, 484e9),
     "t4": Figures(65e12, 8.1e12, 16e9, 320e9),
-    "l4": Figures(121e12, 30e12, 24e9, 300e9),
+    "l4": Figures(121e12, 30e12, 24e9, 300e9, 60e12),
     # TPUs publish no fp32 peak; estimate: an fp32 matmul at HIGHEST precision takes 6 bf16 passes.
-    "tpu-v4": Figures(275e12, 275e12 / 6, 32e9, 1.2e12),
-    "tpu-v5e": Figures(197e12, 197e12 / 6, 16e9, 819e9),
+    "tpu-v4": Figures(275e12, 275e12 / 6, 32e9, 1.2e12, 275e12),
+    "tpu-v5e": Figures(197e12, 197e12 / 6, 16e9, 819e9, 197e12),
     # A host CPU device: modest guesses, only so CPU runs of the planner have numbers to work with.
     "cpu": Figures(1e11, 1e11, 8e9, 2e10),
 }

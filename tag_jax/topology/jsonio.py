@@ -4,7 +4,8 @@ Format (units: FLOP/s, bytes, bytes/s per direction, seconds):
 
     {"name": "my-cluster",
      "devices": [{"kind": "v100", "node": 0}, ...],     # figures default from the known-kind table;
-                                                       # optional: id, flops, flops_fp32, memory,
+                                                       # optional: id, flops, flops_fp32,
+                                                       # flops_fp32_matmul, memory,
                                                        # memory_bandwidth, coords
      "intra_node": {"bandwidth": 1.5e11, "latency": 2e-6},
      "inter_node": {"bandwidth": 3.125e9, "latency": 1e-5, "nics": 1},   # needed with >1 node
@@ -23,8 +24,9 @@ from tag_jax.topology.graph import Device, Link, Topology
 from tag_jax.topology.hardware import KNOWN_KINDS, match_kind
 
 _TOP_KEYS = {"name", "devices", "intra_node", "inter_node", "links", "torus", "notes"}
-_DEVICE_KEYS = {"id", "kind", "flops", "flops_fp32", "memory", "memory_bandwidth", "node", "coords"}
-_UNITS = {"flops": "FLOP/s", "flops_fp32": "FLOP/s", "memory": "bytes",
+_DEVICE_KEYS = {"id", "kind", "flops", "flops_fp32", "flops_fp32_matmul", "memory", "memory_bandwidth",
+                "node", "coords"}
+_UNITS = {"flops": "FLOP/s", "flops_fp32": "FLOP/s", "flops_fp32_matmul": "FLOP/s", "memory": "bytes",
           "memory_bandwidth": "bytes/s", "bandwidth": "bytes/s"}
 
 
@@ -122,6 +124,13 @@ def _device(k: int, x) -> Device:
         else:
             raise TopologyError(f"{where}.{field}: missing, and kind {kind!r} is not a known kind "
                                 f"({', '.join(KNOWN_KINDS)}); give {field} in {_UNITS[field]}")
+    # float32 matmuls at JAX's default precision: given, else the known kind's (TF32, one bf16
+    # pass), else none — but a device given its own fp32 figure keeps it unless it says otherwise
+    if "flops_fp32_matmul" in x:
+        figures["flops_fp32_matmul"] = _positive(x["flops_fp32_matmul"], f"{where}.flops_fp32_matmul",
+                                                 _UNITS["flops_fp32_matmul"])
+    elif table is not None and "flops_fp32" not in x:
+        figures["flops_fp32_matmul"] = table.flops_fp32_matmul
     dev_id, node = x.get("id", k), x.get("node", 0)
     for field, v in (("id", dev_id), ("node", node)):
         if not _is_int(v) or v < 0:
@@ -148,6 +157,8 @@ def to_dict(t: Topology) -> dict:
     def device(d: Device) -> dict:
         out = {"id": d.id, "kind": d.kind, "flops": d.flops, "flops_fp32": d.flops_fp32,
                "memory": d.memory, "memory_bandwidth": d.memory_bandwidth, "node": d.node}
+        if d.flops_fp32_matmul is not None:
+            out["flops_fp32_matmul"] = d.flops_fp32_matmul
         return out if d.coords is None else {**out, "coords": list(d.coords)}
 
     out = {"name": t.name, "devices": [device(d) for d in t.devices],

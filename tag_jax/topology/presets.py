@@ -19,8 +19,8 @@ def machines(name: str, nodes: list[tuple[str, int, Link]], inter: Link, nics: i
     for node, (kind, count, intra) in enumerate(nodes):
         f = hw.KNOWN_KINDS[kind]
         ids = range(len(devices), len(devices) + count)
-        devices += [Device(i, kind, f.flops, f.flops_fp32, f.memory, f.memory_bandwidth, node)
-                    for i in ids]
+        devices += [Device(i, kind, f.flops, f.flops_fp32, f.memory, f.memory_bandwidth, node,
+                           flops_fp32_matmul=f.flops_fp32_matmul) for i in ids]
         if intra != nodes[0][2]:
             links += [(a, b, intra) for a in ids for b in ids if a < b]
     return Topology(tuple(devices), nodes[0][2], inter, tuple(links), torus, nics, name)

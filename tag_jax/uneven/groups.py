@@ -42,8 +42,8 @@ def device_groups(topology, device_ids: Sequence[int] | None = None, *, by: str 
         runs.setdefault(key, []).append(i)
     groups = [Group(f"{key[0]}@node{key[1]}" if by == "node" else key[0], key[0], tuple(members))
               for key, members in runs.items()]
-    # fastest first (fp32 peak, then memory bandwidth): reports and the LP read best that way
-    speed = {g.name: (topology.device(g.device_ids[0]).flops_fp32,
+    # fastest first (fp32 matmul peak, then memory bandwidth): reports and the LP read best that way
+    speed = {g.name: (topology.device(g.device_ids[0]).matmul_flops_fp32,
                       topology.device(g.device_ids[0]).memory_bandwidth) for g in groups}
     return tuple(sorted(groups, key=lambda g: (-speed[g.name][0], -speed[g.name][1], g.device_ids[0])))
 

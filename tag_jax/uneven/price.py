@@ -102,7 +102,7 @@ class Pricer:
     def probe(self, b: int, device_id: int) -> Probe:
         """The group program of a device of this kind at local batch b (resident state included)."""
         kind = self.topology.device(device_id)
-        key = (b, kind.kind, kind.flops_fp32, kind.memory_bandwidth)
+        key = (b, kind.kind, kind.flops_fp32, kind.matmul_flops_fp32, kind.memory_bandwidth)
         if key not in self._costs:
             cost = _replicated_cost(self.local_graph(b), self.topology, device_id)
             self._costs[key] = Probe(b, cost.step_time_s, cost.peak_memory_bytes)
