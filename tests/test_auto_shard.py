@@ -156,3 +156,21 @@ def test_planner_seeds_the_ilp_and_the_2d_plan_and_is_never_worse():
             assert sh.dims == (("model",), ("data",)), (t.path, sh)
         if t.role.name == "BATCH" and t.shape[0] % 4 == 0:
             assert sh.dims[0] == ("data",)
+
+
+def test_slow_devices_are_left_out_where_one_program_would_wait_for_them():
+    # On 4 A100 + 4 V100 a float32 matmul runs 10x faster on an A100 (TF32): a program on the four
+    # A100 alone beats any program on all eight, which the V100 would pace.
+    ex = models.get("mlp", "toy", optimizer="sgd")
+    state, batch = ex.init(jax.random.key(0))
+    topo = tag_jax.Topology.preset("4xa100-4xv100")
+    step = tag_jax.auto_shard(ex.step, None, topology=topo, time_budget_s=2.0, policy=None)
+    plan = step.plan(state, batch)
+    assert sorted(plan.mesh.devices.flat, key=lambda d: d.id) == jax.devices()[:4]
+    # the best seed on all eight devices (meshes (8,) and (4, 2)); seeds name their mesh
+    everyone = min(v for k, v in plan.search.seeds.items() if "(data=8)" in k or "(data=4,model=2)" in k)
+    assert plan.cost.step_time_s < everyone
+    got = step(state, batch)
+    want = jax.jit(ex.step)(state, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -229,18 +229,44 @@ class Annealer:
 
 
 def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...] | None = None,
-                     axis_names: tuple[str, ...] | None = None, permute: bool = True) -> list[MeshSpec]:
+                     axis_names: tuple[str, ...] | None = None, permute: bool = True,
+                     leave_out: bool = False) -> list[MeshSpec]:
     """Mesh shapes worth trying, devices sorted by node so that a minor (last) axis stays inside a
     node: the axis that talks most (tensor parallel) gets the fastest links. Other device orders
-    are tried on the chosen plan by `device_orders`, which is cheap."""
+    are tried on the chosen plan by `device_orders`, which is cheap.
+
+    `leave_out` (mixed device kinds, shape not fixed): also meshes on only the faster devices
+    (`faster_subsets`; a 1-D and a 2-D mesh each), third in the list, after the first two meshes
+    of all devices: one SPMD program runs at its slowest device's pace, so a slow kind can cost
+    more than it adds (a V100 does a float32 matmul at a tenth of an A100's TF32 rate)."""
     ids = tuple(device_ids)
     if permute:
         ids = tuple(sorted(ids, key=lambda i: (topology.device(i).node, i)))
-    n = len(ids)
     if shape is not None:
         return [MeshSpec(tuple(shape), tuple(axis_names), ids)]
+    full = _meshes_on(ids)
+    if not leave_out:
+        return full
+    fewer = [m for sub in faster_subsets(ids, topology) for m in _meshes_on(sub)[:2]]
+    return full[:2] + fewer + full[2:]
+
+
+def _meshes_on(ids: tuple[int, ...]) -> list[MeshSpec]:
+    n = len(ids)
     return [MeshSpec((n,), ("data",), ids)] + [MeshSpec((n // m, m), ("data", "model"), ids)
                                                for m in range(2, n) if n % m == 0]
+
+
+def faster_subsets(device_ids: Sequence[int], topology) -> list[tuple[int, ...]]:
+    """On mixed device kinds: the devices at least as fast as each speed level but the slowest
+    (speed: float32 matmul FLOP/s, then memory bandwidth), largest first, 2 devices or more."""
+    def speed(i):
+        d = topology.device(i)
+        return (d.matmul_flops_fp32, d.memory_bandwidth)
+
+    levels = sorted({speed(i) for i in device_ids}, reverse=True)
+    subsets = [tuple(i for i in device_ids if speed(i) >= lv) for lv in levels[:-1]]
+    return [s for s in reversed(subsets) if len(s) >= 2]
 
 
 def device_orders(mesh: MeshSpec, topology) -> list[MeshSpec]:

@@ -713,7 +713,7 @@ def joint_select(graph: OpGraph, topology, result, device_ids: Sequence[int], mo
     if mode == "none":
         return after, after
     seen = set()
-    for mesh in candidate_meshes(device_ids, topology, mesh_shape, axis_names, permute):
+    for mesh in candidate_meshes(device_ids, topology, mesh_shape, axis_names, permute, leave_out=permute):
         if mesh in seen or len(seen) >= 4:
             continue
         seen.add(mesh)

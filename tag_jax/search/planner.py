@@ -56,7 +56,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     rng = np.random.default_rng(seed)
     if not device_ids:
         raise PlanningError("the mesh has no devices; pass a Mesh or a list of jax devices")
-    meshes = candidate_meshes(device_ids, topology, mesh_shape, axis_names, permute)
+    meshes = candidate_meshes(device_ids, topology, mesh_shape, axis_names, permute, leave_out=permute)
     if policy is not None and time_budget_s <= 0:
         from tag_jax.policy.guide import policy_plan
 
@@ -73,17 +73,23 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     history = []
     settled = set()  # seeds that op-option annealing cannot improve: an ILP plan proven optimal
     ilp_spent = None  # seconds the ILP took (None: not tried yet)
+    # The ILP (on the first mesh) runs once a 2-D mesh has been seeded too, so that Megatron, a
+    # baseline the plan must not lose to, is always among the seeds when there is one, and the
+    # meshes on only the faster devices (mixed clusters), which are third (`candidate_meshes`).
+    everyone = set(meshes[0].device_ids)
+    ilp_at = next((k for k, m in enumerate(meshes) if k >= 2 and set(m.device_ids) == everyone),
+                  len(meshes))
+    replicated_on: set[frozenset] = set()
     for k, mesh in enumerate(meshes):
-        # The ILP (on the first mesh) runs once a 2-D mesh has been seeded too, so that Megatron,
-        # a baseline the plan must not lose to, is always among the seeds when there is one.
-        if scored and ilp_spent is None and (k >= 2 or all(len(m.shape) == 1 for m in meshes)):
+        if scored and ilp_spent is None and (k >= ilp_at or all(len(m.shape) == 1 for m in meshes)):
             ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
                                   memory_limit, progress)
         spent = time.perf_counter() - t0
-        if scored and spent > 0.4 * time_budget_s and (
-                spent > 0.75 * time_budget_s or len(mesh.shape) != 2
-                or any(n.startswith("megatron") for n in seeds)):
-            break  # keep time to improve what we have (but Megatron, on one 2-D mesh, if it can)
+        wanted = k < ilp_at or (len(mesh.shape) == 2 and not any(n.startswith("megatron") for n in seeds))
+        if scored and spent > 0.4 * time_budget_s and (spent > 0.75 * time_budget_s or not wanted):
+            # keep time to improve what we have (but Megatron, on one 2-D mesh, and the meshes of
+            # the faster devices, if it can)
+            break
         key = tuple(mesh.axes.items())
         if key not in strategies_by_axes:
             strategies_by_axes[key] = rules.for_graph(graph, mesh.axes)
@@ -107,9 +113,11 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             cost = sim.cost(strategy)
             seeds[f"2d {label}"] = cost.step_time_s
             scored.append((_score(cost, memory_limit), f"2d {label}", cost, strategy, ann, None))
-        if not any(n.startswith("replicated") for n in seeds):
+        if frozenset(mesh.device_ids) not in replicated_on:
             # Every device computing everything: no communication at all, which wins for small
-            # models on slow links (and any plan the annealer finds from it is priced alike).
+            # models on slow links (and any plan the annealer finds from it is priced alike);
+            # once per set of devices (on the faster devices alone it runs at their pace).
+            replicated_on.add(frozenset(mesh.device_ids))
             strategy = replicated_strategy(graph, mesh)
             cost = sim.cost(strategy)
             seeds[f"replicated {label}"] = cost.step_time_s
