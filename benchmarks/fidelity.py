@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 import tag_jax  # noqa: E402
 from tag_jax import baselines, models, rules  # noqa: E402
+from tag_jax.cost import set_lowering  # noqa: E402
 from tag_jax.hlo import collective_bytes_by_kind, collectives, compiled_memory  # noqa: E402
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--constrain", default="operands", choices=("operands", "results"))
     args = ap.parse_args()
     topo = tag_jax.Topology.preset(args.topology)
+    # the compiled side is XLA:CPU's: price its scratch buffers too (tag_jax.cost.simulate.LOWERING)
+    set_lowering("xla-cpu" if jax.default_backend() == "cpu" else None)
     mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
     cache = {}
     if args.cache and os.path.exists(args.cache):

@@ -52,9 +52,57 @@ class Incremental:
     def strategy(self) -> Strategy:
         return dataclasses.replace(self.base, choices=tuple(int(x) for x in self.choices))
 
+    def _select_source(self, t: int, src: int, changes, new_tsh) -> int:
+        """`src` without its partial axes when `t` is only a local select, as `Simulator.cost`
+        takes it (its fast path and `_partial_roots`): no operand of its producer carries a partial
+        sum into it (partial where wanted partial over the same axis) and the producer is
+        elementwise or shape-only, or every partial operand is itself such a select."""
+        sim, sh = self.sim, self.sim._sh
+        p = int(sh["producer"][t])
+        pbits = sim._partial_bits()
+        if p < 0 or not pbits[src]:
+            return src
+        kind = sim._op_kind()
+        if kind[p] == 0:
+            return src
+        c = changes.get(p, self.choices[p])
+        base = sh["in_base"][p] + c * sh["nin"][p]
+        ins = sim.graph.ops[p].inputs
+        carries = any(pbits[self._sharding(u, new_tsh)] & pbits[int(sh["want"][base + k])]
+                      for k, u in enumerate(ins))
+        if not carries:
+            return int(sim._plain_ids()[src]) if kind[p] == 2 else src
+        return int(sim._plain_ids()[src]) if self._pure(t, src, changes, new_tsh, {}) else src
+
+    def _sharding(self, u: int, new_tsh) -> int:
+        return int(new_tsh.get(u, self.tsh[u]))
+
+    def _pure(self, t: int, src: int, changes, new_tsh, memo) -> bool:
+        """`Simulator._partial_roots(t)` is empty: t's partial sum was made only by selects."""
+        if t in memo:
+            return memo[t]
+        sim, sh = self.sim, self.sim._sh
+        memo[t] = False
+        p = int(sh["producer"][t])
+        kind = sim._op_kind()
+        if p < 0 or kind[p] == 0:
+            return False
+        pbits = sim._partial_bits()
+        c = changes.get(p, self.choices[p])
+        base = sh["in_base"][p] + c * sh["nin"][p]
+        ins = [(u, self._sharding(u, new_tsh), int(sh["want"][base + k]))
+               for k, u in enumerate(sim.graph.ops[p].inputs)]
+        ins = [(u, su) for u, su, w in ins if pbits[su] & pbits[w]]  # carried in
+        if any(pbits[su] != pbits[src] for _, su in ins):
+            return False
+        ok = (kind[p] == 2 if not ins
+              else all(self._pure(u, su, changes, new_tsh, memo) for u, su in ins))
+        memo[t] = ok
+        return ok
+
     def _tensor_cost(self, t, changes, new_tsh) -> float:
         sh, sim = self.sim._sh, self.sim
-        src = int(new_tsh.get(t, self.tsh[t]))
+        src = self._select_source(t, int(new_tsh.get(t, self.tsh[t])), changes, new_tsh)
         dsts = set()
         for i, p in sh["consumers_of"][t]:
             c = changes.get(i, self.choices[i])
@@ -83,6 +131,18 @@ class Incremental:
                 new_tsh[t] = int(sh["give"][sh["out_base"][i] + c * sh["nout"][i] + p])
             touched.update(op.inputs)
             touched.update(op.outputs)
+        # results downstream may stop (or start) being local selects: follow partial tensors
+        pbits = self.sim._partial_bits()
+        todo = [t for i in changes for t in g.ops[i].outputs]
+        seen = set(todo)
+        while todo:
+            t = todo.pop()
+            for k, _ in sh["consumers_of"][t]:
+                for o in g.ops[k].outputs:
+                    if o not in seen and (pbits[int(self.tsh[o])] or (o in new_tsh and pbits[new_tsh[o]])):
+                        seen.add(o)
+                        touched.add(o)
+                        todo.append(o)
         new = {t: self._tensor_cost(t, changes, new_tsh) for t in touched}
         dcomm = sum(v - self.contrib[t] for t, v in new.items())
         return dcomp, dcomm, new, new_tsh, changes

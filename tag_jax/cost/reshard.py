@@ -36,6 +36,14 @@ devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
    all-to-all of the whole piece, then the slice); 3-D arrays with the new axis on the third
    dimension follow the (i, j, k) table read from HLO (step 0b in the code).
 
+0a. (Checked after 0.) One axis X leaving a dimension that other axes Ys also split, the other
+   dimensions unchanged: X major and Ys dropped (``P(None,(a,b)) -> P(a,None)``) is XLA's
+   "involuntary full rematerialization", one all-gather of the whole block; X minor and Ys dropped
+   an all-to-all of the local piece, then an all-gather over Ys; X major and Ys kept
+   (``P(None,(a,b)) -> P(a,b)``) an all-to-all plus a permute of the final piece; X alone going to a
+   dimension split by more pieces that it replaces (``P(a,b) -> P(None,a)``) a permute of the local
+   piece and two all-gathers (to X's, then to the final size).
+
 Known differences: in step 4 the gather group XLA uses can be smaller than the axes priced here.
 """
 from __future__ import annotations
@@ -113,6 +121,44 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
         axes = tuple(dict.fromkeys(src.axes + dst.axes))
         local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
         return (Comm("collective-permute", axes, local_dst),) if local_dst else ()
+
+    # 0a. one axis X leaves a dim i that other axes Ys also split, for dim j (other dims unchanged),
+    # as XLA 0.10 was seen to do it (tests/test_cost.py, 2x4 mesh):
+    #   X major, Ys dropped, j empty (``P(None,(a,b)) -> P(a,None)``): "involuntary full
+    #     rematerialization", one all-gather of the whole (dims i, j) block, then a slice;
+    #   X minor, Ys dropped, j empty (``P(None,(a,b)) -> P(b,None)``): the all-to-all of the local
+    #     piece first, then the all-gather over Ys;
+    #   X major, Ys kept, j empty (``P(None,(a,b)) -> P(a,b)``): an all-to-all and a permute of the
+    #     final piece (the Ys tiles change order).
+    # and X alone on dim i going to a dim j split by more pieces (Ys, dropped) than X makes
+    # (``P(a,b) -> P(None,a)``): a permute of the local piece, then all-gathers to X's and Ys' size.
+    if len(moved) == 1 and not reduce and not src.partial and not dst.partial:
+        (x,) = moved
+        i, j = src_where[x], dst_where[x]
+        si, sj, di, dj = src.dims[i], src.dims[j], dst.dims[i], dst.dims[j]
+        same_rest = all(src.dims[k] == dst.dims[k] for k in range(ndim) if k not in (i, j))
+        if same_rest and len(si) > 1 and not sj and dj == (x,):
+            ys = tuple(a for a in si if a != x)
+            if si[0] == x and not di:
+                block = [list(d) if k not in (i, j) else [] for k, d in enumerate(src.dims)]
+                comms = [Comm("all-gather", si, _local_bytes(shape, block, itemsize, sizes))]
+                return tuple(c for c in comms if c.bytes > 0)
+            if si[-1] == x and not di:
+                comms = [Comm("all-to-all", (x,), _local_bytes(shape, src.dims, itemsize, sizes)),
+                         Comm("all-gather", ys, _local_bytes(shape, dst.dims, itemsize, sizes))]
+                return tuple(c for c in comms if c.bytes > 0)
+            if si[0] == x and di == ys:
+                local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
+                comms = [Comm("all-to-all", (x,), local_dst), Comm("collective-permute", si, local_dst)]
+                return tuple(c for c in comms if c.bytes > 0)
+        if (same_rest and si == (x,) and sj and x not in sj and not di and dj == (x,)
+                and math.prod(sizes[a] for a in sj) > sizes[x]):
+            local_dst = _local_bytes(shape, dst.dims, itemsize, sizes)
+            local_src = _local_bytes(shape, src.dims, itemsize, sizes)
+            comms = [Comm("collective-permute", (x,) + tuple(sj), local_src),
+                     Comm("all-gather", (x,), local_dst // sizes[x]),
+                     Comm("all-gather", tuple(sj), local_dst)]
+            return tuple(c for c in comms if c.bytes > 0)
 
     # 0b. one axis X leaves dim i for an empty dim j while one new axis Y takes its place on dim i
     # (``P(b,None) -> P(a,b)``): XLA slices Y onto dim j first and then swaps X and Y, an all-to-all

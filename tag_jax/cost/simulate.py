@@ -41,18 +41,32 @@ model issues them early). A tensor's local bytes are its bytes divided by the sh
 
 Partial sums (GSPMD has none between ops): a partial result is reduced at each of its roots, the
 ops that made it (dot, reduction, scatter-add), at the root's size, however far a strategy carries
-it (see `Simulator._partial_roots`); one wanted in several shardings is reduced once, towards its
-first consumer's.
+it (see `Simulator._partial_roots`); one wanted in several shardings is reduced once, towards the
+most split of them (GSPMD gives the reduced value its most specific user sharding; ties: the first
+consumer's), and moved from there to the others. A partial result of an op that cannot make a sum
+(elementwise, reshape, transpose, slice, concatenate...) from non-partial operands is a local
+select the program never makes: no reduction. An operand an elementwise op wants as such a select
+(``b1 * mu`` added to a partial gradient) has no constraint in the program; XLA moves it to the
+layout the op's result is reduced to (`Simulator._retarget_selects`). An all-reduce whose every
+later use, directly or through transposes/reshapes, only slices it 1/n by the reduced axes is what
+XLA:CPU writes for a reduce-scatter, and is counted as one (`Simulator._sliced_all_reduces`).
+
+Lowering (`Simulator(..., lowering="xla-cpu")`, default `LOWERING`, `set_lowering`): XLA:CPU's
+scratch buffers, live while their op runs (transposed copies for convolutions whose operands are
+not NHWC/HWIO, max-pool backward's index buffers; `Simulator._cpu_temps`). Reshards of arguments
+feeding lookups (gather ops) are issued together before the first of those lookups (XLA:CPU's
+schedule of the recommender's table all-gathers), so their copies are live at once.
 
 `Simulator` precomputes per-graph arrays once (`with_mesh` reuses them for another mesh, and the
 compute table too when only the device order changes); `cost(strategy)` is vectorised with numpy
 and caches reshard prices per (shape, dtype, src, dst); only the overlap schedule is a Python loop,
 over the reshards. GPT-2 small (5,781 ops, ~17 options per op from `rules.for_graph`) on one CPU
 core: ~300-900 full evaluations/s for coherent plans (hundreds of reshards; the Megatron baseline
-312/s of CPU time on a loaded machine), ~110-170/s for uniformly random choices (~7,500 reshards;
-the overlap schedule dominates). Partial roots are cached per tensor with the shardings they were
-derived from, so a search re-walks only chains its moves touched. `incremental(strategy)` re-prices moves of a few ops with the
-no-overlap time in ~25-100 us (see `tag_jax.cost.incremental`).
+420/s of CPU time on a loaded machine), ~110/s for uniformly random choices (~7,500 reshards; the
+overlap schedule and the select retargeting dominate). Partial roots are cached per tensor with
+the shardings and op choices they were derived from, so a search re-walks only chains its moves
+touched. `incremental(strategy)` re-prices moves of a few ops with the no-overlap time in
+~25-100 us (see `tag_jax.cost.incremental`).
 """
 from __future__ import annotations
 
@@ -76,6 +90,23 @@ MEMORY_EFFICIENCY = 0.8
 USABLE_MEMORY = 0.9
 
 _KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+
+# How the program is lowered, for the memory XLA's backend adds on top of the op-by-op model:
+# None (no backend scratch buffers) or "xla-cpu" (XLA:CPU's, see `Simulator._cpu_temps`; the
+# compiled-vs-predicted checks of benchmarks/fidelity.py and tests compile for CPU devices).
+# `LOWERING` is the default of `Simulator(..., lowering=...)`; `set_lowering` changes it.
+LOWERINGS = (None, "xla-cpu")
+LOWERING: str | None = None
+
+
+def set_lowering(lowering: str | None) -> str | None:
+    """Make `lowering` the default of new Simulators (and `simulate`); returns the old one."""
+    global LOWERING
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering {lowering!r}: give one of {', '.join(map(repr, LOWERINGS))}")
+    old, LOWERING = LOWERING, lowering
+    _RECENT.clear()
+    return old
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +185,17 @@ class Simulator:
     def __init__(self, graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], topology,
                  mesh: MeshSpec, *, efficiency: float = COMPUTE_EFFICIENCY,
                  memory_efficiency: float = MEMORY_EFFICIENCY,
-                 carried: Mapping[int, int] | None = None, _shared=None):
+                 carried: Mapping[int, int] | None = None, lowering: str | None = None,
+                 _shared=None):
         if len(op_strategies) != len(graph.ops):
             raise ValueError(f"op_strategies has {len(op_strategies)} lists but graph {graph.name} has "
                              f"{len(graph.ops)} ops; pass rules.for_graph(graph, mesh.axes)")
         self.graph, self.op_strategies, self.topology, self.mesh = graph, op_strategies, topology, mesh
         self.efficiency, self.memory_efficiency = efficiency, memory_efficiency
+        lowering = LOWERING if lowering is None else lowering
+        if lowering not in LOWERINGS:
+            raise ValueError(f"lowering {lowering!r}: give one of {', '.join(map(repr, LOWERINGS))}")
+        self.lowering = lowering
         topology.check_ids(mesh.device_ids)
         self._sh = _shared if _shared is not None else self._precompute_graph()
         self.carried = self._check_carried(carried or {})
@@ -171,7 +207,7 @@ class Simulator:
         depends on the axis names and sizes, so a new mesh shape usually needs a new Simulator."""
         return Simulator(self.graph, self.op_strategies, self.topology, mesh,
                          efficiency=self.efficiency, memory_efficiency=self.memory_efficiency,
-                         carried=self.carried, _shared=self._sh)
+                         carried=self.carried, lowering=self.lowering, _shared=self._sh)
 
     def _check_carried(self, carried: Mapping[int, int]) -> dict[int, int]:
         g, sh = self.graph, self._sh
@@ -325,6 +361,8 @@ class Simulator:
         self._p_dict: dict = {}                 # (shape class, src, dst) -> slot, for scalar lookups
         self._comm_cache: dict = {}
         self._root_cache: dict = {}             # tensor -> (tensors read, their shardings, roots)
+        self._slice_cache: dict = {}            # (tensor, src, dst) -> `_only_sliced` and its inputs
+        self._out_set = frozenset(g.outputs)
 
     def _ensure_shards(self) -> None:
         items = self._sh["sh"].items
@@ -466,6 +504,8 @@ class Simulator:
         if red.size:  # only jobs that reduce some partial axis (not all of them stay partial)
             pbits = self._partial_bits()
             red = red[(pbits[js[red]] & ~pbits[jd[red]]) != 0]
+        if red.size:
+            jt, js, jd = self._retarget_selects(jt, js, jd, jc, red, tsh)
         if red.size:  # XLA reduces a partial sum where it is made, not after linear ops carry it
             items, shapes = sh["sh"].items, sh["t_shape"]
             jt, js, jd, jc = jt.copy(), js.copy(), jd.copy(), jc.copy()
@@ -475,13 +515,19 @@ class Simulator:
             kind = self._op_kind()
             prod = np.maximum(sh["producer"][jt[red]], 0)
             own = sh["producer"][jt[red]] < 0
-            npart = np.bincount(sh["e_op"], pm[tsh[sh["e_t"]]], minlength=sh["n_ops"] + 1)
-            carries = ~own & (npart[prod] > 0) & (kind[prod] > 0)
+            # an operand carries a partial sum into the op only where it is partial and wanted
+            # partial over some same axis; one partial over other axes than wanted is reduced
+            # before the op (mlp-real random-5: Adam's div wants the partial(data) update as a
+            # partial(model) select; its partial(model) result is a select, never reduced)
+            pbits = self._partial_bits()
+            gen = np.bincount(sh["e_op"], (pbits[tsh[sh["e_t"]]] & pbits[wanted]) != 0,
+                              minlength=sh["n_ops"] + 1)
+            carries = ~own & (gen[prod] > 0) & (kind[prod] > 0)
             select = ~own & ~carries & (kind[prod] == 2)
             plain = self._plain_ids()
             js[red[select]] = plain[js[red[select]]]
             todo = red[carries]
-            for k, roots in zip(todo.tolist(), self._roots_of(jt[todo], tsh)):
+            for k, roots in zip(todo.tolist(), self._roots_of(jt[todo], tsh, c)):
                 t0 = int(jt[k])
                 if t0 in roots:
                     continue
@@ -510,13 +556,106 @@ class Simulator:
             pbits = self._partial_bits()
             cand = np.flatnonzero((pbits[js] & ~pbits[jd]) != 0)
             if cand.size > 1:
-                cand = cand[np.lexsort((jc[cand], jt[cand]))]
+                # the target: the most split one wanted (ties: the first consumer's). GSPMD's
+                # propagation gives the unconstrained reduced value its most specific user
+                # sharding, so XLA reduce-scatters there and all-gathers for the replicated users
+                # (mlp-real random-6/8: all-reduce + dynamic-slice of the dense_0 output, the
+                # weight gradients reduce-scattered), not an all-reduce then local slices
+                nsh = self._shards[jd[cand]]
+                cand = cand[np.lexsort((jc[cand], -nsh, jt[cand]))]
                 ct = jt[cand]
                 starts = np.flatnonzero(np.r_[True, ct[1:] != ct[:-1]])
                 first = np.repeat(jd[cand[starts]], np.diff(np.r_[starts, cand.size]))
                 move = (jd[cand] != first) & (pbits[first] == 0)
                 js[cand[move]] = first[move]
+            keep = js != jd  # a select retargeted to where its operand already is: nothing to do
+            if not keep.all():
+                jt, js, jd, jc = jt[keep], js[keep], jd[keep], jc[keep]
         return jt, js, jd, jc
+
+    def _retarget_selects(self, jt, js, jd, jc, red, tsh):
+        """Operands an elementwise op wants as a local select of a partial sum (non-partial in,
+        partial wanted, e.g. ``b1 * mu`` added to a partial gradient) are moved to the layout the
+        op's partial result is reduced to, not gathered to the select's replicated-plus-partial
+        layout. The program has no constraint for such an operand (GSPMD cannot be asked for a
+        partial one) and XLA runs the op on reduced values, so the operand is resharded to the
+        reduced result's sharding (mlp-real random strategies: Adam's mu/nu all-gathered whole where
+        XLA moves them with an all-to-all or not at all). The reduction target of a partial result
+        is the most split sharding its reducing jobs want (as below); results whose partial is
+        carried further by elementwise ops are followed forward to the first reduced one."""
+        sh = self._sh
+        pbits = self._partial_bits()
+        sel = np.flatnonzero((pbits[jd] & ~pbits[js]) != 0)
+        if not sel.size:
+            return jt, js, jd
+        n_ops = sh["n_ops"]
+        sel = sel[(jc[sel] < n_ops)]
+        elem_out, shape_id = self._elementwise_out()
+        o_all = elem_out[jc[sel]]
+        keep = o_all >= 0
+        sel, o_all = sel[keep], o_all[keep]
+        if sel.size:  # same shape as the op's result and the same partial axes as it
+            plain = self._plain_ids()
+            keep = ((shape_id[jt[sel]] == shape_id[o_all]) & (pbits[tsh[o_all]] == pbits[jd[sel]])
+                    & (plain[tsh[o_all]] == plain[jd[sel]]))
+            sel, o_all = sel[keep], o_all[keep]
+        if not sel.size:
+            return jt, js, jd
+        # reduction targets of the partial tensors reduced directly: most split, then first consumer
+        nsh = self._shards[jd[red]]
+        order = red[np.lexsort((jc[red], -nsh, jt[red]))]
+        ot_ = jt[order]
+        firsts = np.flatnonzero(np.r_[True, ot_[1:] != ot_[:-1]])
+        t_keys, t_vals = ot_[firsts], jd[order[firsts]]
+        g = self.graph
+        memo: dict[int, int] = {}
+
+        def direct(o: int) -> int:
+            i = int(np.searchsorted(t_keys, o))
+            return int(t_vals[i]) if i < len(t_keys) and t_keys[i] == o else -1
+
+        def reduced_to(o: int, bits: int) -> int:
+            if o in memo:
+                return memo[o]
+            memo[o] = -1
+            found = direct(o)
+            if found < 0:
+                for i in g.tensors[o].consumers:
+                    u = int(elem_out[i])
+                    if u >= 0 and pbits[tsh[u]] == bits and shape_id[u] == shape_id[o]:
+                        found = reduced_to(u, bits)
+                        if found >= 0:
+                            break
+            memo[o] = found
+            return found
+
+        # the common case in one pass: the op's result is itself reduced directly
+        pos = np.searchsorted(t_keys, o_all)
+        pos_c = np.minimum(pos, max(len(t_keys) - 1, 0))
+        hit = (pos < len(t_keys)) & (t_keys[pos_c] == o_all) if len(t_keys) else np.zeros(len(o_all), bool)
+        d_all = np.where(hit, t_vals[pos_c] if len(t_keys) else -1, -1)
+        for n in np.flatnonzero(~hit).tolist():
+            o = int(o_all[n])
+            d_all[n] = reduced_to(o, int(pbits[tsh[o]]))
+        ok = d_all >= 0
+        ok[ok] = pbits[d_all[ok]] == 0
+        if ok.any():
+            jd = jd.copy()
+            jd[sel[ok]] = d_all[ok]
+        return jt, js, jd
+
+    def _elementwise_out(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per op (and one past the end): its result's tensor id if it is a single-result
+        elementwise op, else -1; per tensor: an id of its shape)."""
+        got = self._sh.get("elementwise_out")
+        if got is None:
+            g = self.graph
+            out = np.array([op.outputs[0] if op.primitive in _ELEMENTWISE and len(op.outputs) == 1
+                            and not op.subgraphs else -1 for op in g.ops] + [-1], np.int64)
+            shapes = _Interner()
+            sid = np.array([shapes(t.shape) for t in g.tensors], np.int64)
+            got = self._sh["elementwise_out"] = (out, sid)
+        return got
 
     def _towards(self, r: int, t0: int, dk: int, tsh: np.ndarray) -> int:
         """The sharding a root `r` of another shape than `t0` is reduced to: its own, without the
@@ -549,22 +688,23 @@ class Simulator:
             self._ensure_shards()
         return out
 
-    def _roots_of(self, ts: np.ndarray, tsh: np.ndarray) -> list:
+    def _roots_of(self, ts: np.ndarray, tsh: np.ndarray, c: np.ndarray) -> list:
         """`_partial_roots` of each tensor in `ts`, the cached answers checked in one numpy pass."""
         cache = self._root_cache
         hits = [cache.get(t) for t in ts.tolist()]
         have = [i for i, h in enumerate(hits) if h is not None]
         ok = np.zeros(len(hits), bool)
+        vec = np.concatenate([tsh, c])  # tensor shardings, then op choices
         if have:
             seen = np.concatenate([hits[i][0] for i in have])
             sids = np.concatenate([hits[i][1] for i in have])
             lens = np.array([len(hits[i][0]) for i in have], np.int64)
-            same = np.logical_and.reduceat(tsh[seen] == sids, np.r_[0, np.cumsum(lens)[:-1]])
+            same = np.logical_and.reduceat(vec[seen] == sids, np.r_[0, np.cumsum(lens)[:-1]])
             ok[np.array(have, np.int64)[same]] = True
-        return [hits[i][2] if ok[i] else self._partial_roots(int(t), tsh)
+        return [hits[i][2] if ok[i] else self._partial_roots(int(t), tsh, c, vec)
                 for i, t in enumerate(ts.tolist())]
 
-    def _partial_roots(self, t: int, tsh: np.ndarray) -> frozenset:
+    def _partial_roots(self, t: int, tsh: np.ndarray, c: np.ndarray, vec: np.ndarray) -> frozenset:
         """The tensors where the partial sum `t` was made, followed back through every op whose
         chosen option carries a partial operand (same partial axes) to a partial result.
 
@@ -584,6 +724,8 @@ class Simulator:
         cache = self._root_cache
         sh, g, items = self._sh, self.graph, self._sh["sh"].items
         want = items[int(tsh[t])].partial
+        pbits, wants, in_base, nin = self._partial_bits(), sh["want"], sh["in_base"], sh["nin"]
+        n_t = len(tsh)
         memo: dict[int, frozenset] = {}
         seen = [t]
         stack = [(t, 0)]
@@ -598,12 +740,17 @@ class Simulator:
                 continue
             if state == 0:
                 seen.extend(op.inputs)
-            ins = [v for v in op.inputs if items[int(tsh[v])].partial]
+                seen.append(n_t + p)
+            # operands that carry a partial sum in: partial and wanted partial over a same axis
+            # (one partial over other axes than wanted is reduced before the op)
+            base = in_base[p] + c[p] * nin[p]
+            ins = [v for k, v in enumerate(op.inputs)
+                   if pbits[int(tsh[v])] & pbits[int(wants[base + k])]]
             if any(items[int(tsh[v])].partial != want for v in ins):
                 memo[u] = frozenset((u,))
                 continue
             if not ins:
-                memo[u] = frozenset() if op.primitive in _FUSE_FROM else frozenset((u,))
+                memo[u] = frozenset() if op.primitive in _SELECT_ONLY else frozenset((u,))
                 continue
             if state == 0:
                 stack.append((u, 1))
@@ -611,8 +758,16 @@ class Simulator:
                 continue
             memo[u] = frozenset().union(*(memo[v] for v in ins))
         seen_a = np.array(seen, np.int64)
-        cache[t] = (seen_a, tsh[seen_a].copy(), memo[t])
+        cache[t] = (seen_a, vec[seen_a].copy(), memo[t])
         return memo[t]
+
+    def _gather_ops(self) -> np.ndarray:
+        """Per op (and one past the end): whether it is a gather (a lookup)."""
+        mask = self._sh.get("gather_ops")
+        if mask is None:
+            mask = self._sh["gather_ops"] = np.array(
+                [op.primitive == "gather" for op in self.graph.ops] + [False], bool)
+        return mask
 
     def _op_kind(self) -> np.ndarray:
         """Per op: 0 a partial root whatever its operands (several outputs, sub-graphs), 2 an
@@ -622,7 +777,7 @@ class Simulator:
         if kind is None:
             g = self.graph
             kind = sh["op_kind"] = np.array(
-                [0 if op.subgraphs or len(op.outputs) != 1 else 2 if op.primitive in _FUSE_FROM else 1
+                [0 if op.subgraphs or len(op.outputs) != 1 else 2 if op.primitive in _SELECT_ONLY else 1
                  for op in g.ops] + [0], np.int8)
         return kind
 
@@ -676,6 +831,8 @@ class Simulator:
         slots = self._lookup(ut, us, ud) if len(u) else np.zeros(0, np.int64)
         dur, rbytes = self._p_dur[slots], self._p_rbytes[slots]
         kb = self._p_kb[slots].sum(axis=0) if len(u) else np.zeros(len(KINDS))
+        if len(u):
+            kb = self._sliced_all_reduces(kb, slots, ut, us, ud, c, tsh)
         compute_s = float(comp.sum())
         comm_s = float(dur.sum())
         live = np.flatnonzero(dur > 0)  # free reshards (local slices) never wait for the network
@@ -684,7 +841,7 @@ class Simulator:
                                   starts[live], ends[live])
         else:
             step = compute_s + comm_s
-        peak = self._peak(tsh, first, lastc, rbytes, ut)
+        peak = self._peak(tsh, first, lastc, rbytes, ut, c)
         extra = {}
         if per_op:
             inc = np.zeros(n_ops + 1)
@@ -698,6 +855,116 @@ class Simulator:
                     comm_bytes=int(kb.sum()),
                     comm_bytes_by_kind={k: int(kb[i]) for i, k in enumerate(KINDS)},
                     peak_memory_bytes=int(round(peak)), **extra)
+
+    def _sliced_all_reduces(self, kb, slots, ut, us, ud, c, tsh):
+        """XLA:CPU's reduce-scatter is an all-reduce whose every use slices it (`tag_jax.hlo`
+        counts it so): a partial sum all-reduced to a layout that every later use only slices
+        1/n further, along one dimension by exactly the reduced axes (directly, or after
+        elementwise and shape-only ops that keep its layout, which XLA fuses the slice into), is
+        counted as a reduce-scatter of the slice. Physically it is still the all-reduce, so its
+        time is unchanged. mlp-real random-18: a weight gradient all-reduced to replicated for a
+        replicated transpose, whose uses are all column or row slices: 268 MB all-reduce
+        predicted, a 33.5 MB reduce-scatter compiled."""
+        ar = _KIND_INDEX["all-reduce"]
+        pm = self._partial_mask()
+        cand = np.flatnonzero((self._p_kb[slots, ar] > 0) & pm[us])
+        if not cand.size:
+            return kb
+        kb = kb.copy()
+        rs = _KIND_INDEX["reduce-scatter"]
+        sizes = self.mesh.axes
+        cache = self._slice_cache
+        vec = np.concatenate([c, tsh])  # what a cached answer was derived from, in one array
+        keys = list(zip(ut[cand].tolist(), us[cand].tolist(), ud[cand].tolist()))
+        hits = [cache.get(k) for k in keys]
+        have = [n for n, h in enumerate(hits) if h is not None]
+        ok = np.zeros(len(keys), bool)
+        if have:
+            idx = np.concatenate([hits[n][0] for n in have])
+            vals = np.concatenate([hits[n][1] for n in have])
+            lens = np.array([len(hits[n][0]) for n in have], np.int64)
+            same = np.logical_and.reduceat(vec[idx] == vals, np.r_[0, np.cumsum(lens)[:-1]])
+            ok[np.array(have, np.int64)[same]] = True
+        for n, j in enumerate(cand.tolist()):
+            ans = hits[n][2] if ok[n] else None
+            for comm in self._p_comms[int(slots[j])]:
+                if comm.kind != "all-reduce":
+                    continue
+                if ans is None:
+                    ans = self._only_sliced(int(ut[j]), int(us[j]), int(ud[j]), comm.axes, c, tsh)
+                if ans:
+                    k = math.prod(sizes[a] for a in comm.axes)
+                    kb[ar] -= comm.bytes
+                    kb[rs] += comm.bytes // k
+        return kb
+
+    def _only_sliced(self, t: int, src: int, dst: int, axes, c, tsh) -> bool:
+        """Whether every use of partial `t` reduced to `dst` slices it 1/n along one dim by
+        `axes` (see `_sliced_all_reduces`). Cached per (t, src, dst) with the choices of the ops
+        and the shardings of the tensors the walk read."""
+        cache = self._slice_cache
+        key = (t, src, dst)
+        sh, g, items = self._sh, self.graph, self._sh["sh"].items
+        want_ax = set(axes)
+        L0 = items[dst]
+        seen_ops, seen_t = [], [t]
+        outs = self._out_set
+
+        def is_slice(L: TensorSharding, w: TensorSharding) -> bool:
+            if w.partial or len(w.dims) != len(L.dims):
+                return False
+            diff = [(a, b) for a, b in zip(L.dims, w.dims) if a != b]
+            return (len(diff) == 1 and diff[0][1][:len(diff[0][0])] == diff[0][0]
+                    and set(diff[0][1][len(diff[0][0]):]) == want_ax)
+
+        budget = [24]
+
+        def walk(u: int, L: TensorSharding, chain: bool) -> bool:
+            # u holds the reduced value in layout L (chain: u is still partial in the strategy)
+            if u in outs or budget[0] <= 0:
+                return False
+            cons = g.tensors[u].consumers
+            if not cons:
+                return False
+            for k in cons:
+                op = g.ops[k]
+                budget[0] -= 1
+                seen_ops.append(k)
+                st = self.op_strategies[k][c[k]]
+                w = st.inputs[list(op.inputs).index(u)]
+                if is_slice(L, w):
+                    continue
+                prim = op.primitive
+                if len(op.outputs) != 1 or op.subgraphs or prim not in _LAYOUT_ONLY:
+                    return False  # elementwise compute reads the reduced value whole
+                o = op.outputs[0]
+                seen_t.append(o)
+                same = prim in _ELEMENTWISE and g.tensors[o].shape == g.tensors[u].shape
+                replicated = not L.axes
+                if chain and w.partial:
+                    if w != items[int(tsh[u])] or not (same or replicated):
+                        return False
+                    oo = items[int(tsh[o])]
+                    if not oo.partial:
+                        return False
+                    if not walk(o, L if same else TensorSharding.replicated(len(g.tensors[o].shape)), True):
+                        return False
+                    continue
+                if w != L:
+                    return False
+                oo = items[int(tsh[o])]
+                if oo.partial or oo.shards(self.mesh.axes) != L.shards(self.mesh.axes):
+                    return False
+                if not (same or replicated):
+                    return False
+                if not walk(o, oo, False):
+                    return False
+            return True
+
+        ans = bool(not L0.partial and walk(t, L0, True))
+        idx = np.concatenate([np.array(seen_ops, np.int64), len(c) + np.array(seen_t, np.int64)])
+        cache[key] = (idx, np.concatenate([c, tsh])[idx], ans)
+        return ans
 
     def _schedule(self, comp, prod, first, dur, jc_s, starts, ends) -> float:
         """Makespan of one compute stream (program order) and one FIFO communication stream.
@@ -736,7 +1003,7 @@ class Simulator:
         end = (Sl[-1] if n_ops else 0.0) + best
         return max(end, free)
 
-    def _peak(self, tsh, first, lastc, rbytes, ut=None) -> float:
+    def _peak(self, tsh, first, lastc, rbytes, ut=None, c=None) -> float:
         sh = self._sh
         n = sh["n_ops"]
         local = sh["nbytes"] / self._shards[tsh]
@@ -762,12 +1029,72 @@ class Simulator:
                 o_start[pos] = sh["producer"][ot[pos]]
                 o_stop = o_stop.copy()  # gathered into the output buffer once made, then freed
                 o_stop[pos] = sh["o_last_use"][pos]
+            # XLA:CPU's scheduler issues the reshards of arguments that feed lookups (gather ops,
+            # e.g. embedding tables all-gathered for their lookups) together, before the first of
+            # those lookups, so all the gathered tables are live at once (recommender-real FSDP:
+            # the eight row-split tables all-gathered one after another, 8.9 GB live together,
+            # where just-in-time copies would hold one table at a time). Other reshards stay
+            # just in time.
+            arg = sh["is_input"][ut] & self._gather_ops()[np.minimum(first, n)]
+            if self.lowering == "xla-cpu" and arg.sum() > 1:
+                r_start = np.where(arg, first[arg].min(), r_start)
         start = np.concatenate([o_start, r_start])
         stop = np.concatenate([o_stop, lastc]) + 1
         w = np.concatenate([np.where(sh["o_fused"], 0.0, local[ot]), rbytes])
+        if self.lowering == "xla-cpu" and c is not None:
+            ops, per_row = self._cpu_temps()
+            if ops.size:  # live while their op runs
+                tb = per_row[self._sh["row_base"][ops] + c[ops]]
+                start = np.concatenate([start, ops])
+                stop = np.concatenate([stop, ops + 1])
+                w = np.concatenate([w, tb])
         diff = np.bincount(start, w, minlength=n + 2) - np.bincount(stop, w, minlength=n + 2)
         live = np.cumsum(diff)[:n + 1]
         return always + (float(live.max()) if live.size else 0.0)
+
+    def _cpu_temps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ops, per (op, option) row: bytes) of the scratch buffers XLA:CPU's lowering of an op
+        allocates for the op's duration (`lowering="xla-cpu"`), per device in the option's layouts.
+        Read from XLA:CPU's buffer assignment (`--xla_dump_to`, resnet-50):
+
+        - a convolution whose operand or result is not in the layout the CPU kernel takes (input
+          batch-major NHWC, kernel HWIO, output NHWC) gets a transposed copy of it: a weight-
+          gradient convolution (the activation and the output gradient with batch and feature
+          swapped) copies both operands, e.g. f32[56,56,8,256] and f32[256,56,56,8] per device;
+        - max-pool's backward (`select_and_scatter_add`) keeps three s32 index buffers and an f32
+          copy of its padded operand, each the size of the padded operand.
+        """
+        got = getattr(self, "_cpu_temp_arrays", None)
+        if got is not None:
+            return got
+        g, sh, items, sizes = self.graph, self._sh, self._sh["sh"].items, self.mesh.axes
+        canon = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+        ops, per_row = [], np.zeros(len(sh["row_op"]))
+        for i, op in enumerate(g.ops):
+            if op.primitive not in ("conv_general_dilated", "select_and_scatter_add"):
+                continue
+            base = int(sh["row_base"][i])
+            for k, st in enumerate(self.op_strategies[i]):
+                b = 0.0
+                if op.primitive == "conv_general_dilated":
+                    dn = op.eqn.params.get("dimension_numbers")
+                    specs = (dn.lhs_spec, dn.rhs_spec, dn.out_spec) if dn is not None else canon
+                    pairs = [(op.inputs[0], st.inputs[0]), (op.inputs[1], st.inputs[1]),
+                             (op.outputs[0], st.outputs[0])]
+                    for (t, ts), spec, want in zip(pairs, specs, canon):
+                        if tuple(spec) != want and len(ts.dims) == 4:
+                            b += g.tensors[t].nbytes / max(1, ts.shards(sizes))
+                else:
+                    t, ts = op.inputs[1], st.inputs[1]
+                    pad = op.eqn.params.get("padding") or ((0, 0),) * len(ts.dims)
+                    padded = tuple(n + lo + hi for n, (lo, hi) in zip(g.tensors[t].shape, pad))
+                    elems = math.prod(-(-n // math.prod(sizes[a] for a in d)) if d else n
+                                      for n, d in zip(padded, ts.dims))
+                    b += 4 * elems * 4  # 3 s32 index buffers + 1 f32 padded copy
+                per_row[base + k] = b
+            ops.append(i)
+        self._cpu_temp_arrays = (np.array(ops, np.int64), per_row)
+        return self._cpu_temp_arrays
 
     # ---- incremental ----------------------------------------------------------------------------
     def incremental(self, strategy: Strategy):
@@ -780,7 +1107,18 @@ class Simulator:
 _FUSE_INTO = frozenset(ELEMENTWISE) | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims",
                                        "reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                                        "argmax", "argmin"}
+_ELEMENTWISE = frozenset(ELEMENTWISE)
 _FUSE_FROM = frozenset(ELEMENTWISE) | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota"}
+# ops XLA lowers to a bitcast/copy/transpose of their operand (`tag_jax.hlo` follows an all-reduce's
+# uses through those to the slices that make it a reduce-scatter)
+_LAYOUT_ONLY = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "copy", "copy_p"})
+# ops that cannot make a partial sum of non-partial operands (no contraction or reduction): a
+# partial result of one with no partial operand is a local select of its inputs, which the program
+# never makes (GSPMD has no partial sharding; the op runs on the full values). mlp-real random-12:
+# a replicated weight gradient transposed "as a select" R -> R+partial, then reduced: 268 MB of
+# all-reduce predicted, none compiled (was: only elementwise and reshape-like ops)
+_SELECT_ONLY = _FUSE_FROM | {"transpose", "concatenate", "pad", "slice", "rev", "split", "stack",
+                             "unstack", "dynamic_slice", "dynamic_update_slice", "copy", "copy_p"}
 # ops that update their first operand in place: a broadcast (e.g. the zeros a gather's transpose
 # scatter-adds into) is materialised as their output buffer, in the output's sharding, not apart
 _IN_PLACE = frozenset({"scatter-add", "scatter_add", "scatter", "dynamic_update_slice"})
@@ -833,6 +1171,7 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f} {unit}"
     return f"{x:.0f} "
+
 
 _MATMULS = ("dot_general", "conv_general_dilated")
 _FULL_FP32 = ("highest", "float32", "f32_f32_f32")
