@@ -692,15 +692,8 @@ class Simulator:
         """`_partial_roots` of each tensor in `ts`, the cached answers checked in one numpy pass."""
         cache = self._root_cache
         hits = [cache.get(t) for t in ts.tolist()]
-        have = [i for i, h in enumerate(hits) if h is not None]
-        ok = np.zeros(len(hits), bool)
         vec = np.concatenate([tsh, c])  # tensor shardings, then op choices
-        if have:
-            seen = np.concatenate([hits[i][0] for i in have])
-            sids = np.concatenate([hits[i][1] for i in have])
-            lens = np.array([len(hits[i][0]) for i in have], np.int64)
-            same = np.logical_and.reduceat(vec[seen] == sids, np.r_[0, np.cumsum(lens)[:-1]])
-            ok[np.array(have, np.int64)[same]] = True
+        ok = _still_valid(hits, vec)
         return [hits[i][2] if ok[i] else self._partial_roots(int(t), tsh, c, vec)
                 for i, t in enumerate(ts.tolist())]
 
@@ -877,14 +870,7 @@ class Simulator:
         vec = np.concatenate([c, tsh])  # what a cached answer was derived from, in one array
         keys = list(zip(ut[cand].tolist(), us[cand].tolist(), ud[cand].tolist()))
         hits = [cache.get(k) for k in keys]
-        have = [n for n, h in enumerate(hits) if h is not None]
-        ok = np.zeros(len(keys), bool)
-        if have:
-            idx = np.concatenate([hits[n][0] for n in have])
-            vals = np.concatenate([hits[n][1] for n in have])
-            lens = np.array([len(hits[n][0]) for n in have], np.int64)
-            same = np.logical_and.reduceat(vec[idx] == vals, np.r_[0, np.cumsum(lens)[:-1]])
-            ok[np.array(have, np.int64)[same]] = True
+        ok = _still_valid(hits, vec)
         for n, j in enumerate(cand.tolist()):
             ans = hits[n][2] if ok[n] else None
             for comm in self._p_comms[int(slots[j])]:
@@ -1171,6 +1157,20 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f} {unit}"
     return f"{x:.0f} "
+
+
+def _still_valid(hits: list, vec: np.ndarray) -> np.ndarray:
+    """Which cached answers still hold: a hit is (positions in `vec` it was derived from, the
+    values they had, answer); it holds where all those positions still have those values."""
+    ok = np.zeros(len(hits), bool)
+    have = [n for n, h in enumerate(hits) if h is not None]
+    if have:
+        idx = np.concatenate([hits[n][0] for n in have])
+        vals = np.concatenate([hits[n][1] for n in have])
+        lens = np.array([len(hits[n][0]) for n in have], np.int64)
+        same = np.logical_and.reduceat(vec[idx] == vals, np.r_[0, np.cumsum(lens)[:-1]])
+        ok[np.array(have, np.int64)[same]] = True
+    return ok
 
 
 _MATMULS = ("dot_general", "conv_general_dilated")
