@@ -90,10 +90,9 @@ def fast_compile_options() -> dict:
     Processes that use these options must also set `FAST_COMPILE_XLA_FLAGS` in XLA_FLAGS before jax
     starts (tests/conftest.py and the benchmarks do): it cannot go into `compiler_options`.
     """
-    options = {"xla_backend_optimization_level": 0}
-    if jax.default_backend() == "cpu":
-        options["xla_cpu_use_fusion_emitters"] = False
-    return options
+    from tag_jax.rules.validate import fast_compile_options as options  # (the rule validator's too)
+
+    return options()
 
 
 def count_params(params: PyTree) -> int:

@@ -34,6 +34,8 @@ class Case:
 
 
 def fast_compile_options() -> dict:
+    """Quick-compiling XLA options for validating rules (`tag_jax.models.fast_compile_options`
+    documents them and the XLA flag that must come with them)."""
     options: dict = {"xla_backend_optimization_level": 0}
     if jax.default_backend() == "cpu":
         options["xla_cpu_use_fusion_emitters"] = False
