@@ -110,7 +110,8 @@ def main() -> None:
             limit = USABLE_MEMORY * min(topo.device_memory(i) for i in ids)
             t0 = time.perf_counter()
             try:
-                r = search(graph, topo, ids, time_budget_s=args.budget, memory_limit=limit, policy=guide)
+                r = search(graph, topo, ids, time_budget_s=args.budget, memory_fraction=USABLE_MEMORY,
+                           policy=guide)  # as auto_shard: each mesh its own devices' memory
             except PlanningError as exc:
                 line = f"| {name}-{size} | {topo_name} | no plan fits: {str(exc)[:80]}… |" + " |" * 16
                 lines.append(line)

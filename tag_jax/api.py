@@ -84,17 +84,23 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         limit = memory_limit
         if limit is None:
             limit = USABLE_MEMORY * min(topo.device_memory(i) for i in device_ids)
+        # without the user's limit, each mesh may fill its own devices (the search's meshes of
+        # only the faster devices of a mixed cluster have more memory)
+        per_mesh = {"memory_limit": None, "memory_fraction": USABLE_MEMORY} if memory_limit is None \
+            else {"memory_limit": limit}
         # one budget for both: the search gets 80% of it, compression the rest (at least 0.5 s)
         search_s = time_budget_s * (0.8 if compression != "none" else 1.0)
         compress_s = max(0.5, time_budget_s - search_s)
         result = search(graph, topo, device_ids, mesh_shape=shape, axis_names=names,
-                        time_budget_s=search_s, memory_limit=limit, seed=seed, progress=progress,
-                        permute=not keep_device_order, policy=guide)
+                        time_budget_s=search_s, seed=seed, progress=progress,
+                        permute=not keep_device_order, policy=guide, **per_mesh)
         strategy, cost, choices, uncompressed = result.strategy, result.cost, (), None
         if compression != "none":
             from tag_jax.search.compression import joint_select
 
             deadline = time.perf_counter() + compress_s
+            if memory_limit is None:  # the chosen mesh's own devices (maybe only the faster ones)
+                limit = USABLE_MEMORY * min(topo.device_memory(i) for i in result.strategy.mesh.device_ids)
             sel, _ = joint_select(graph, topo, result, device_ids, compression, mesh_shape=shape,
                                   axis_names=names, permute=not keep_device_order, memory_limit=limit,
                                   deadline=deadline)

@@ -259,14 +259,24 @@ def _meshes_on(ids: tuple[int, ...]) -> list[MeshSpec]:
 
 def faster_subsets(device_ids: Sequence[int], topology) -> list[tuple[int, ...]]:
     """On mixed device kinds: the devices at least as fast as each speed level but the slowest
-    (speed: float32 matmul FLOP/s, then memory bandwidth), largest first, 2 devices or more."""
+    (speed: float32 matmul FLOP/s, then memory bandwidth), largest first, then the devices of the
+    node with the most of them (no slow link inside: TAG's cluster has 4 1080Ti on one machine
+    and its V100 and P100 in pairs); each 2 devices or more."""
     def speed(i):
         d = topology.device(i)
         return (d.matmul_flops_fp32, d.memory_bandwidth)
 
     levels = sorted({speed(i) for i in device_ids}, reverse=True)
-    subsets = [tuple(i for i in device_ids if speed(i) >= lv) for lv in levels[:-1]]
-    return [s for s in reversed(subsets) if len(s) >= 2]
+    if len(levels) < 2:
+        return []
+    subsets = [tuple(i for i in device_ids if speed(i) >= lv) for lv in levels[:-1]][::-1]
+    nodes: dict[int, list[int]] = {}
+    for i in device_ids:
+        nodes.setdefault(topology.device(i).node, []).append(i)
+    biggest = tuple(max(nodes.values(), key=lambda m: (len(m), speed(m[0]))))
+    if len(nodes) > 1 and biggest not in subsets:
+        subsets.append(biggest)
+    return [s for s in subsets if len(s) >= 2]
 
 
 def device_orders(mesh: MeshSpec, topology) -> list[MeshSpec]:

@@ -43,10 +43,22 @@ class PlanningError(ValueError):
 def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: tuple[int, ...] | None = None,
            axis_names: tuple[str, ...] | None = None, time_budget_s: float = 10.0,
            memory_limit: float | None = None, seed: int = 0, progress: bool = False,
-           permute: bool = True, policy=None) -> SearchResult:
+           permute: bool = True, policy=None, memory_fraction: float | None = None) -> SearchResult:
     """`policy` (a `tag_jax.policy.Policy`, or None for an unguided search) adds its plan on every
     seeded mesh as one more seed and biases the annealing moves; with `time_budget_s <= 0` its plan
-    is returned alone (one simulator evaluation), when it fits in memory."""
+    is returned alone (one simulator evaluation), when it fits in memory.
+
+    `memory_limit`: bytes per device for every mesh (None: no limit); or `memory_fraction`: each
+    mesh's limit is that fraction of the smallest memory among its own devices (a mesh of only the
+    A100s of a mixed cluster may use their 40 GB, not the V100s' 16)."""
+    if memory_fraction is not None and memory_limit is not None:
+        raise ValueError("search: give memory_limit or memory_fraction, not both")
+
+    def limit_of(mesh) -> float | None:
+        if memory_fraction is None:
+            return memory_limit
+        return memory_fraction * min(topology.device_memory(i) for i in mesh.device_ids)
+
     from tag_jax import rules
     from tag_jax.baselines import baseline_strategy
     from tag_jax.cost import Simulator
@@ -60,7 +72,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     if policy is not None and time_budget_s <= 0:
         from tag_jax.policy.guide import policy_plan
 
-        alone = policy_plan(policy, graph, topology, meshes, memory_limit)
+        alone = policy_plan(policy, graph, topology, meshes, limit_of(meshes[0]))
         if alone is not None:
             return alone
     carried = carried_outputs(graph)
@@ -95,7 +107,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             strategies_by_axes[key] = rules.for_graph(graph, mesh.axes)
         ops = strategies_by_axes[key]
         sim = Simulator(graph, ops, topology, mesh, carried=carried)
-        ann = Annealer(graph, ops, sim, mesh, memory_limit)
+        limit = limit_of(mesh)
+        ann = Annealer(graph, ops, sim, mesh, limit)
         label = _mesh_label(mesh)
         for kind in SEED_PLANS:
             # Data parallel and FSDP use every axis alike: one mesh shape says all about them.
@@ -105,14 +118,14 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                 continue
             strategy = baseline_strategy(kind, graph, ops, mesh)
             cost = sim.cost(strategy)
-            score = _score(cost, memory_limit)
+            score = _score(cost, limit)
             seeds[f"{kind} {label}"] = cost.step_time_s
             scored.append((score, f"{kind} {label}", cost, strategy, ann, _start(ann, kind)))
         if len(mesh.shape) == 2 and sum(map(len, ops)) <= TWO_D_OPTIONS:
             strategy = two_d_strategy(graph, ops, mesh, carried)
             cost = sim.cost(strategy)
             seeds[f"2d {label}"] = cost.step_time_s
-            scored.append((_score(cost, memory_limit), f"2d {label}", cost, strategy, ann, None))
+            scored.append((_score(cost, limit), f"2d {label}", cost, strategy, ann, None))
         if frozenset(mesh.device_ids) not in replicated_on:
             # Every device computing everything: no communication at all, which wins for small
             # models on slow links (and any plan the annealer finds from it is priced alike);
@@ -121,7 +134,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             strategy = replicated_strategy(graph, mesh)
             cost = sim.cost(strategy)
             seeds[f"replicated {label}"] = cost.step_time_s
-            scored.append((_score(cost, memory_limit), f"replicated {label}", cost, strategy, ann,
+            scored.append((_score(cost, limit), f"replicated {label}", cost, strategy, ann,
                            tuple([0] * len(ann.groups) + [0])))
         if progress:
             _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
@@ -195,9 +208,9 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
         results = []
         for j, (score, name, cost, strategy) in enumerate(starts):
             until = time.perf_counter() + (deadline - time.perf_counter()) / (len(starts) - j)
-            strategy, cost, moves = anneal_ops(ann.sim, strategy, until, rng, memory_limit=memory_limit)
+            strategy, cost, moves = anneal_ops(ann.sim, strategy, until, rng, memory_limit=ann.memory_limit)
             evaluations += moves
-            results.append((_score(cost, memory_limit), name, cost, strategy))
+            results.append((_score(cost, ann.memory_limit), name, cost, strategy))
             if progress:
                 _say(f"annealed ops from {name}: {results[-1][0]:.4g} s ({moves} moves)", t0)
         score, name, cost, strategy = min(results, key=lambda r: r[0])
@@ -206,8 +219,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                 moved = dataclasses.replace(strategy, mesh=order)
                 c = ann.sim.with_mesh(order).cost(moved)
                 evaluations += 1
-                if _score(c, memory_limit) < score:
-                    strategy, cost, score = moved, c, _score(c, memory_limit)
+                if _score(c, ann.memory_limit) < score:
+                    strategy, cost, score = moved, c, _score(c, ann.memory_limit)
         if score < best_score:
             best_score, best_cost, best_strategy = score, cost, strategy
             best_name = f"annealed from {name}"
@@ -218,7 +231,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
         largest = max((graph.tensors[t] for t in graph.inputs), key=lambda t: t.nbytes)
         least = min(s[2].peak_memory_bytes for s in scored)
         raise PlanningError(
-            f"no plan fits the memory limit of {_bytes(memory_limit)} per device: the best reached "
+            f"no plan fits the memory limit of {_bytes(limit_of(meshes[0]))} per device: the best reached "
             f"{_bytes(least)} (largest tensor {largest.describe()}, {_bytes(largest.nbytes)}); "
             "use more devices, a smaller batch, or a larger memory_limit")
     best_strategy = dataclasses.replace(best_strategy, name=f"tag_jax ({best_name})")
@@ -247,7 +260,8 @@ def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set,
     ilp_s = min(share * time_budget_s, 0.95 * time_budget_s - spent)
     info = None
     if share * time_budget_s >= 0.5 and ilp_s >= 0.5:
-        info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s, memory_limit)
+        info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s,
+                             scored[0][4].memory_limit)
     if info is not None and info["status"] == "optimal":
         settled.add(scored[-1][1])  # (for the ILP's objective, the no-overlap time it anneals)
     if progress and info is not None:

@@ -47,9 +47,9 @@ def choose(step_fn: Callable, uneven_step: UnevenStep | None, state: Any, batch:
 
     ids = list(topology.ids if device_ids is None else device_ids)
     graph = graph if graph is not None else trace(step_fn, *abstract((state, batch)))
-    limit = memory_limit if memory_limit is not None else \
-        USABLE_MEMORY * min(topology.device_memory(i) for i in ids)
-    spmd = search(graph, topology, ids, time_budget_s=time_budget_s, memory_limit=limit, seed=seed)
+    limits = {"memory_limit": memory_limit} if memory_limit is not None else \
+        {"memory_fraction": USABLE_MEMORY}  # (each mesh its own devices' memory)
+    spmd = search(graph, topology, ids, time_budget_s=time_budget_s, seed=seed, **limits)
     if not uneven or uneven_step is None:
         return Choice(spmd, None, "uneven plans not asked for")
     try:
