@@ -235,10 +235,11 @@ def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...]
     node: the axis that talks most (tensor parallel) gets the fastest links. Other device orders
     are tried on the chosen plan by `device_orders`, which is cheap.
 
-    `leave_out` (mixed device kinds, shape not fixed): also meshes on only the faster devices
-    (`faster_subsets`; a 1-D and a 2-D mesh each), third in the list, after the first two meshes
-    of all devices: one SPMD program runs at its slowest device's pace, so a slow kind can cost
-    more than it adds (a V100 does a float32 matmul at a tenth of an A100's TF32 rate)."""
+    `leave_out` (mixed device kinds, shape not fixed): also 1-D meshes on only the faster devices
+    (`faster_subsets`), third in the list, after the first two meshes of all devices: one SPMD
+    program runs at its slowest device's pace, so a slow kind can cost more than it adds (a V100
+    does a float32 matmul at a tenth of an A100's TF32 rate). (1-D only: each mesh shape costs
+    its seeding, a second or more for 10,000 ops, and the budget is shared.)"""
     ids = tuple(device_ids)
     if permute:
         ids = tuple(sorted(ids, key=lambda i: (topology.device(i).node, i)))
@@ -247,7 +248,7 @@ def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...]
     full = _meshes_on(ids)
     if not leave_out:
         return full
-    fewer = [m for sub in faster_subsets(ids, topology) for m in _meshes_on(sub)[:2]]
+    fewer = [_meshes_on(sub)[0] for sub in faster_subsets(ids, topology)]
     return full[:2] + fewer + full[2:]
 
 

@@ -87,17 +87,19 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     ilp_spent = None  # seconds the ILP took (None: not tried yet)
     # The ILP (on the first mesh) runs once a 2-D mesh has been seeded too, so that Megatron, a
     # baseline the plan must not lose to, is always among the seeds when there is one, and the
-    # meshes on only the faster devices (mixed clusters), which are third (`candidate_meshes`).
+    # first mesh of only the faster devices (mixed clusters: third, `candidate_meshes`); the
+    # other such meshes come after it, seeded while under 3/4 of the budget is spent.
     everyone = set(meshes[0].device_ids)
-    ilp_at = next((k for k, m in enumerate(meshes) if k >= 2 and set(m.device_ids) == everyone),
-                  len(meshes))
+    fewer = [k for k, m in enumerate(meshes) if set(m.device_ids) != everyone]
+    ilp_at = 3 if fewer else 2
     replicated_on: set[frozenset] = set()
     for k, mesh in enumerate(meshes):
         if scored and ilp_spent is None and (k >= ilp_at or all(len(m.shape) == 1 for m in meshes)):
             ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
                                   memory_limit, progress)
         spent = time.perf_counter() - t0
-        wanted = k < ilp_at or (len(mesh.shape) == 2 and not any(n.startswith("megatron") for n in seeds))
+        wanted = k < ilp_at or k in fewer or (
+            len(mesh.shape) == 2 and not any(n.startswith("megatron") for n in seeds))
         if scored and spent > 0.4 * time_budget_s and (spent > 0.75 * time_budget_s or not wanted):
             # keep time to improve what we have (but Megatron, on one 2-D mesh, and the meshes of
             # the faster devices, if it can)
