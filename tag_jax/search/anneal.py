@@ -236,7 +236,8 @@ def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...]
     are tried on the chosen plan by `device_orders`, which is cheap.
 
     `leave_out` (mixed device kinds, shape not fixed): also 1-D meshes on only the faster devices
-    (`faster_subsets`), third in the list, after the first two meshes of all devices: one SPMD
+    (`faster_subsets`), the first of them second in the list (before the first 2-D mesh of all
+    devices, whose seeding costs more), the others third: one SPMD
     program runs at its slowest device's pace, so a slow kind can cost more than it adds (a V100
     does a float32 matmul at a tenth of an A100's TF32 rate). (1-D only: each mesh shape costs
     its seeding, a second or more for 10,000 ops, and the budget is shared.)"""
@@ -249,7 +250,7 @@ def candidate_meshes(device_ids: Sequence[int], topology, shape: tuple[int, ...]
     if not leave_out:
         return full
     fewer = [_meshes_on(sub)[0] for sub in faster_subsets(ids, topology)]
-    return full[:2] + fewer + full[2:]
+    return full[:1] + fewer[:1] + full[1:2] + fewer[1:] + full[2:]
 
 
 def _meshes_on(ids: tuple[int, ...]) -> list[MeshSpec]:

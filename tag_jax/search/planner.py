@@ -87,7 +87,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     ilp_spent = None  # seconds the ILP took (None: not tried yet)
     # The ILP (on the first mesh) runs once a 2-D mesh has been seeded too, so that Megatron, a
     # baseline the plan must not lose to, is always among the seeds when there is one, and the
-    # first mesh of only the faster devices (mixed clusters: third, `candidate_meshes`); the
+    # first mesh of only the faster devices (mixed clusters: second, `candidate_meshes`); the
     # other such meshes come after it, seeded while under 3/4 of the budget is spent.
     everyone = set(meshes[0].device_ids)
     fewer = [k for k, m in enumerate(meshes) if set(m.device_ids) != everyone]
