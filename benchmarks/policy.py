@@ -1,24 +1,30 @@
 """The learned policy on models and topologies it never saw in training (predicted step times).
 
-Usage: python benchmarks/policy.py [--budget-s 4] [--evals 80] [--out benchmarks/POLICY.md]
+Usage: python benchmarks/policy.py [--budget-s 4] [--evals 60] [--out benchmarks/POLICY.md]
+       python benchmarks/policy.py --compare A.npz B.npz   # (c): two weight files, zero-shot
 
 Held out (see tag_jax.policy.zoo): the t5 and resnet families, which training never draws, and a
 3-layer gpt2 and a 6-layer mlp of sizes outside the training grid; the presets tag-hetero,
 4xa100-4xv100, tpu-v4-2x2x2 (a torus, unlike any training topology) and 2x8-v100-p3.
 
-(a) zero-shot: the policy's plan alone (`search(..., time_budget_s=0, policy=...)`, one simulator
-    evaluation) against the full unguided search (`time_budget_s=--budget-s`) and data parallel;
-(b) guided vs unguided annealing, counted in simulator evaluations (`Annealer.evaluate` calls that
-    miss its cache). Unguided mirrors the planner: every baseline start on every candidate mesh,
-    then annealing from the best start of the two best meshes. Guided: the policy's plan on each
-    mesh in the order of its mesh score, then the same baseline starts, then annealing with the
-    policy's move prior on the same two meshes (the baselines choose them, as in the planner), each
-    from its best start, the policy's plan included. Reported: evaluations until
+(a) zero-shot: the policy's plan alone (`search(..., time_budget_s=0, policy=...)`: features, one
+    network call over every candidate mesh, three readings of its scores priced on each of its
+    three top-ranked meshes, no search moves) against the full unguided search
+    (`time_budget_s=--budget-s`) and data parallel;
+(b) guided vs unguided search, counted in simulator evaluations: every pricing of a plan (a seed,
+    a decision vector) and every priced move of op-option annealing (`anneal_ops`, incremental)
+    counts one. Unguided: the planner's seeds without the ILP (data parallel and FSDP on each 1-D
+    mesh, Megatron on each 2-D mesh, the replicated plan; the planner's candidate meshes, those of
+    the faster devices only included), then op-option annealing from the best
+    of them for the rest of the budget. Guided: the policy's two plans on the mesh it ranks first
+    (its op options; its argument shardings propagated), then the same seeds, then op-option
+    annealing from the best start with the policy's move prior. Reported: evaluations until
     within 2% of the unguided best, and the best of each at the same budget (--evals).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -28,98 +34,133 @@ import numpy as np
 
 import tag_jax
 from tag_jax import models
+from tag_jax.baselines import baseline_strategy
 from tag_jax.policy import Policy, zoo
 from tag_jax.policy.teacher import mesh_problem
-from tag_jax.search.anneal import Annealer, candidate_meshes
-from tag_jax.search.planner import search
+from tag_jax.search.anneal import anneal_ops, candidate_meshes
+from tag_jax.search.planner import replicated_strategy, search
 
 
-def _counting(ann: Annealer, trace: list):
-    """Record the best score after every real (uncached) evaluation into `trace`."""
-    inner = ann.evaluate
-
-    def evaluate(decision):
-        fresh = decision not in ann._cache
-        out = inner(decision)
-        if fresh:
-            trace.append(min(out[0], trace[-1]) if trace else out[0])
-        return out
-
-    ann.evaluate = evaluate
-    return ann
-
-
-def anneal_curve(graph, topo, problems, evals: int, guide=None, seed: int = 0) -> list[float]:
-    """Best-so-far step time after each simulator evaluation (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    trace: list[float] = []
-    anns = [_counting(Annealer(a.graph, a.op_strategies, a.sim, a.mesh, a.memory_limit), trace)
-            for a, _ in problems]
-    starts = []  # (score, mesh index, decision)
-    if guide is not None:
-        for k in sorted(range(len(anns)), key=lambda k: -guide[k].mesh_logit):
-            anns[k].prior = guide[k].prior
-            starts.append((anns[k].evaluate(guide[k].decision)[0], k, guide[k].decision))
-    for k, (_, seeds) in enumerate(problems):
-        for s in seeds.values():
-            starts.append((anns[k].evaluate(s)[0], k, s))
-    n_policy = len(anns) if guide is not None else 0
-    starts = [s + (i < n_policy,) for i, s in enumerate(starts)]
-    starts.sort(key=lambda s: s[0])
-    tops, seen = [], set()
-    for s in starts:  # as the planner: baselines pick the meshes, the best start on each is used
-        if s[1] not in seen and math.isfinite(s[0]) and not s[3]:
-            seen.add(s[1])
-            tops.append(next(t for t in starts if t[1] == s[1])[:3])
-    tops = tops[:2]
-    for i, (_, k, start) in enumerate(tops):
-        left = evals - len(trace)
-        if left <= 0:
-            break
-        anns[k].run(start, time.perf_counter() + 120, rng, lambda v: None,
-                    max_evaluations=left // (len(tops) - i))
-    return trace
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=4.0)
-    ap.add_argument("--evals", type=int, default=80)
-    ap.add_argument("--out", default="benchmarks/POLICY.md")
-    args = ap.parse_args(argv)
-    policy = Policy.load()
-    rows = []
+def held_out():
+    """(label, graph, topology name, topology) for every held-out case."""
     for name, size, cfg in zoo.HELD_OUT_MODELS:
         ex = models.get(name, size, **cfg)
         graph = tag_jax.trace(ex.step, ex.state, ex.batch)
         label = f"{name} " + (",".join(f"{k}={v}" for k, v in cfg.items()) if name in ("gpt2", "mlp")
                               else size)
         for tname in zoo.HELD_OUT_TOPOLOGIES:
-            topo = tag_jax.Topology.preset(tname)
-            ids = list(topo.ids)
-            t0 = time.perf_counter()
-            alone = search(graph, topo, ids, time_budget_s=0, policy=policy)
-            t_alone = time.perf_counter() - t0
-            full = search(graph, topo, ids, time_budget_s=args.budget_s, policy=None)
-            dp = min(v for k, v in full.seeds.items() if k.startswith("data_parallel"))
-            meshes = candidate_meshes(ids, topo)
-            limit = 0.9 * min(d.memory for d in topo.devices)
-            problems = [mesh_problem(graph, topo, m, limit) for m in meshes]
-            guide = policy.guide(graph, topo, meshes)
-            plain = anneal_curve(graph, topo, problems, args.evals)
-            guided = anneal_curve(graph, topo, problems, args.evals, guide)
-            target = min(plain) * 1.02
-            reach = lambda c: next((i + 1 for i, v in enumerate(c) if v <= target), math.inf)  # noqa: E731
-            row = dict(model=label, topology=tname, policy=alone.cost.step_time_s,
-                       search=full.cost.step_time_s, dp=dp, policy_s=t_alone,
-                       plain_reach=reach(plain), guided_reach=reach(guided),
-                       plain_best=min(plain[:args.evals]), guided_best=min(guided[:args.evals]))
-            rows.append(row)
-            print(f"{label:<40} {tname:<14} policy/search {row['policy'] / row['search']:.3f} "
-                  f"policy/dp {row['policy'] / dp:.3f}  evals to 2%: {row['plain_reach']} vs "
-                  f"{row['guided_reach']}  equal-budget guided/plain "
-                  f"{row['guided_best'] / row['plain_best']:.3f}", file=sys.stderr, flush=True)
+            yield label, graph, tname, tag_jax.Topology.preset(tname)
+
+
+def _priced(ann, strategy, limit) -> float:
+    cost = ann.sim.cost(strategy)
+    return cost.step_time_s if cost.peak_memory_bytes <= limit else math.inf
+
+
+def search_curve(graph, problems, limit: float, evals: int, guide=None, seed: int = 0) -> list[float]:
+    """Best-so-far step time after each simulator evaluation (see the module docstring)."""
+    trace: list[float] = []
+    starts = []  # (score, order, mesh index, strategy)
+
+    def add(score, k, strategy):
+        trace.append(min(score, trace[-1]) if trace else score)
+        starts.append((score, len(starts), k, strategy))
+
+    if guide is not None:
+        k = max(range(len(problems)), key=lambda i: guide[i].mesh_logit)
+        ann = problems[k][0]
+        plan = guide[k].strategy(graph)
+        add(_priced(ann, plan, limit), k, plan)
+        score, _, strategy = ann.evaluate(guide[k].decision)
+        add(score, k, strategy)
+    for k, (ann, seeds) in enumerate(problems):
+        kinds = ("megatron",) if len(ann.mesh.shape) == 2 else ("data_parallel", "fsdp")
+        plans = [baseline_strategy(kind, graph, ann.op_strategies, ann.mesh) for kind in kinds]
+        if k == 0:
+            plans.append(replicated_strategy(graph, ann.mesh))
+        for plan in plans:
+            add(_priced(ann, plan, limit), k, plan)
+    score, _, k, start = min(starts, key=lambda s: s[:2])
+    ann = problems[k][0]
+    prior = guide[k].op_prior if guide is not None else None
+    left = evals - len(trace)
+    # anneal_ops is deterministic given its generator: the run stopped after m moves is the first
+    # m moves of a longer one, so its result is the best after m evaluations
+    grid = sorted(set(list(range(1, min(left, 20) + 1)) + list(range(20, left + 1, 5)) + [left]))
+    done, best = 0, trace[-1]
+    for m in grid:
+        if m <= 0:
+            continue
+        _, cost, moves = anneal_ops(ann.sim, start, time.perf_counter() + 60,
+                                    np.random.default_rng(seed), memory_limit=limit, prior=prior,
+                                    max_moves=m)
+        fits = cost.peak_memory_bytes <= limit
+        value = cost.step_time_s if fits else math.inf
+        trace += [best] * (m - done - 1)
+        best = min(best, value)
+        trace.append(best)
+        done = m
+    return trace[:evals]
+
+
+def zero_shot(policy, graph, topo) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    r = search(graph, topo, list(topo.ids), time_budget_s=0, policy=policy)
+    return r.cost.step_time_s, time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=4.0)
+    ap.add_argument("--evals", type=int, default=60)
+    ap.add_argument("--out", default="benchmarks/POLICY.md")
+    ap.add_argument("--weights", default=None, help="weights to test (default: the shipped ones)")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="only compare two weight files' zero-shot plans on the held-out cases")
+    args = ap.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    policy = Policy.load(args.weights) if args.weights else Policy.load()
+    rows = []
+    for label, graph, tname, topo in held_out():
+        ids = list(topo.ids)
+        alone, t_alone = zero_shot(policy, graph, topo)
+        full = search(graph, topo, ids, time_budget_s=args.budget_s, policy=None)
+        dp = min(v for k, v in full.seeds.items() if k.startswith("data_parallel"))
+        meshes = candidate_meshes(ids, topo, leave_out=True)  # the planner's meshes
+        limit = 0.9 * min(d.memory for d in topo.devices)
+        problems = [mesh_problem(graph, topo, m, limit) for m in meshes]
+        guide = policy.guide(graph, topo, meshes)
+        plain = search_curve(graph, problems, limit, args.evals)
+        guided = search_curve(graph, problems, limit, args.evals, guide)
+        target = min(plain) * 1.02
+        reach = lambda c: next((i + 1 for i, v in enumerate(c) if v <= target), math.inf)  # noqa: E731
+        row = dict(model=label, topology=tname, policy=alone, search=full.cost.step_time_s,
+                   search_plan=full.strategy.name, dp=dp, policy_s=t_alone,
+                   plain_reach=reach(plain), guided_reach=reach(guided),
+                   plain_best=min(plain[:args.evals]), guided_best=min(guided[:args.evals]))
+        rows.append(row)
+        print(f"{label:<40} {tname:<14} policy/search {row['policy'] / row['search']:.3f} "
+              f"policy/dp {row['policy'] / dp:.3f}  evals to 2%: {row['plain_reach']} vs "
+              f"{row['guided_reach']}  equal-budget guided/plain "
+              f"{row['guided_best'] / row['plain_best']:.3f}", file=sys.stderr, flush=True)
+    with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
     write(rows, args, policy)
+
+
+def compare(a: str, b: str) -> None:
+    """(c): the zero-shot plans of two weight files on every held-out case."""
+    pa, pb = Policy.load(a), Policy.load(b)
+    ratios = []
+    for label, graph, tname, topo in held_out():
+        ta, _ = zero_shot(pa, graph, topo)
+        tb, _ = zero_shot(pb, graph, topo)
+        ratios.append(tb / ta)
+        print(f"{label[:40]:<40} {tname:<14} A {ta * 1e3:8.3f} ms  B {tb * 1e3:8.3f} ms  B/A {tb / ta:.3f}")
+    print(f"B/A zero-shot step time: median {statistics.median(ratios):.3f}, geometric mean "
+          f"{math.exp(statistics.fmean(math.log(r) for r in ratios)):.3f}, best {min(ratios):.3f}, "
+          f"worst {max(ratios):.3f}, within 5% in {sum(abs(r - 1) <= 0.05 for r in ratios)}/{len(ratios)}")
 
 
 def write(rows, args, policy) -> None:
@@ -132,9 +173,10 @@ def write(rows, args, policy) -> None:
         "",
         f"Command: `python benchmarks/policy.py --budget-s {args.budget_s:g} --evals {args.evals}` "
         f"(weights: {policy.meta.get('problems', '?')} training problems, "
-        f"teacher {policy.meta.get('teacher', '?')}). All times are the simulator's predicted step "
-        "times; none of these models, sizes or topologies was drawn in training "
-        "(`tag_jax.policy.zoo.HELD_OUT_*`).",
+        f"teacher {policy.meta.get('teacher', '?')}, feature schema {policy.meta.get('schema', '?')}). "
+        "All times are the simulator's predicted step times; none of these models, sizes or "
+        "topologies was drawn in training (`tag_jax.policy.zoo.HELD_OUT_*`). Raw rows: "
+        "`benchmarks/POLICY.json`.",
         "",
         "| model | topology | policy alone (ms) | full search (ms) | data parallel (ms) | policy / search | "
         "policy / DP | evals to 2%: unguided | guided | guided / unguided at equal budget |",
@@ -154,9 +196,12 @@ def write(rows, args, policy) -> None:
         f"{statistics.median(speed):.2f}x (target: >= 5x); guided never reached it in "
         f"{sum(math.isinf(r['guided_reach']) for r in rows)} cases.",
         f"- best at an equal budget of {args.evals} evaluations, guided / unguided: median "
-        f"{statistics.median(equal):.3f}, worst {max(equal):.3f} (below 1: guided is better).",
+        f"{statistics.median(equal):.3f}, worst {max(equal):.3f} (below 1: guided is better; "
+        f"worse in {sum(e > 1 + 1e-9 for e in equal)} cases).",
         f"- the policy's plan alone takes {statistics.median(r['policy_s'] for r in rows):.2f} s "
-        "median (features, one network call, one mesh set-up and one simulator evaluation).",
+        "median (features and one network call over every candidate mesh, then three readings "
+        "priced on each of its top three meshes; the first call of a padded shape compiles the "
+        "network).",
         "",
     ]
     with open(args.out, "w") as f:

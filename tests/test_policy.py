@@ -38,21 +38,29 @@ def policy(built):
     return Policy(params, CONFIG)
 
 
-def test_features_have_one_node_per_decision_unit_and_device(built):
+def test_features_have_one_node_per_decision_unit_op_class_and_device(built):
     graph, mesh, ctx, g = built
-    G, D = len(ctx.groups), mesh.size
+    G, C, D = len(ctx.groups), len(ctx.classes), mesh.size
     # mlp toy: the 2 hidden layers share a kernel group and a bias group; then the head's two.
     assert G == 4 and D == 8
-    assert g.n_node.tolist() == [G + 1 + D]
-    assert g.nodes["x"].shape == (G + 1 + D, features.NODE_FEATURES)
-    assert g.nodes["opt"].shape == (G + 1 + D, features.MAX_OPTIONS, features.OPTION_FEATURES)
-    assert g.nodes["type"].tolist() == [0] * G + [1] + [2] * D
-    want = [len(u.options) for u in ctx.groups] + [len(ctx.batch_sets)] + [0] * D
+    # op classes: every op with a choice, the same op of both hidden layers sharing one class
+    assert C == 81 and sum(map(len, ctx.classes)) == sum(len(o) > 1 for o in ctx.op_strategies)
+    assert g.n_node.tolist() == [G + 1 + C + D]
+    assert g.nodes["x"].shape == (G + 1 + C + D, features.NODE_FEATURES)
+    assert g.nodes["opt"].shape == (G + 1 + C + D, features.MAX_OPTIONS, features.OPTION_FEATURES)
+    assert g.nodes["type"].tolist() == [0] * G + [1] + [3] * C + [2] * D
+    want = ([len(u.options) for u in ctx.groups] + [len(ctx.batch_sets)]
+            + [min(len(ctx.op_strategies[m[0]]), features.MAX_OPTIONS) for m in ctx.classes] + [0] * D)
     assert g.nodes["mask"].sum(1).tolist() == want
-    types = np.bincount(g.edges["type"], minlength=5)
+    # an op class's option 0 is full replication (the rules' convention), flagged in column 0
+    assert (g.nodes["opt"][G + 1:G + 1 + C, 0, 0] == 1).all()
+    assert (g.nodes["opt"][G + 1:G + 1 + C, 1:, 0] == 0).all()
+    types = np.bincount(g.edges["type"], minlength=len(features.EDGE_TYPES))
     assert types[2] == D * (D - 1)  # complete device graph
     assert types[3] == types[4] == (G + 1) * D  # complete op-device bipartite graph
     assert types[0] == types[1] > 0  # op->op both ways
+    assert types[5] == types[6] > 0  # class->class (tensors between classes) both ways
+    assert types[7] == types[8] == C  # each class to its owning group and back
     # TAG's normalisation: op-device times are divided by the norm of all of them.
     t = g.edges["x"][g.edges["type"] == 3, 0]
     np.testing.assert_allclose(np.linalg.norm(t), 1.0, rtol=1e-5)
@@ -65,8 +73,8 @@ def test_padding_goes_to_power_of_two_buckets_and_padding_is_inert(built):
     g = built[3]
     p = features.pad([g, g])
     real_nodes, real_edges = 2 * int(g.n_node[0]), 2 * int(g.n_edge[0])
-    assert (real_nodes, real_edges) == (26, 308)
-    assert p.nodes["x"].shape[0] == 64 and p.senders.shape[0] == 512 and p.n_node.shape[0] == 4
+    assert (real_nodes, real_edges) == (188, 1040)
+    assert p.nodes["x"].shape[0] == 256 and p.senders.shape[0] == 2048 and p.n_node.shape[0] == 4
     assert not p.nodes["mask"][real_nodes:].any()
     assert (p.senders[real_edges:] == real_nodes).all() and (p.receivers[real_edges:] == real_nodes).all()
     # Another graph of similar size lands in the same bucket: no recompilation.
@@ -118,6 +126,18 @@ def test_scores_are_masked_to_valid_options(built, policy):
         np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-9)
         assert (p > 0).all()
     assert all(0 <= k < n for k, n in zip(guide.decision, sizes))
+    # op classes: a prior over each class's options, the argmax as its choice
+    n_opts = [len(ctx.op_strategies[m[0]]) for m in ctx.classes]
+    assert [len(p) for p in guide.op_prior] == n_opts
+    assert list(guide.op_choices) == [int(np.argmax(p)) for p in guide.op_prior]
+    # the policy's plan gives every member of a class the class's option, other ops option 0
+    plan = guide.strategy(graph)
+    for members, k in zip(ctx.classes, guide.op_choices):
+        assert {plan.choices[i] for i in members} == {k}
+    classed = {i for m in ctx.classes for i in m}
+    assert all(plan.choices[i] == 0 for i in range(len(graph.ops)) if i not in classed)
+    storage, _ = features.input_shardings(graph, ctx.groups, ctx.batch_sets, guide.decision)
+    assert plan.input_shardings == storage == guide.propagated(graph).input_shardings
 
 
 def test_weights_round_trip_and_a_schema_mismatch_is_refused(built, policy, tmp_path):
@@ -143,14 +163,111 @@ def test_shipped_weights_load_fast_and_match_the_schema():
     p = Policy.load()
     assert time.perf_counter() - t0 < 1.0
     assert p.config == CONFIG and p.meta["problems"] > 0
+    from tag_jax.policy.dataset import TEACHER_VERSION
+
+    assert p.meta["teacher"] == TEACHER_VERSION and p.meta["schema"] == features.SCHEMA_VERSION
 
 
-def test_guided_search_keeps_baselines_and_adds_the_policy_seed(mlp, policy):
+@pytest.mark.skipif(not os.path.exists(store.DEFAULT_PATH), reason="no shipped weights")
+def test_shipped_policy_beats_data_parallel_zero_shot_on_a_held_out_case():
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.policy import zoo
+    from tag_jax.policy.teacher import mesh_problem
+
+    name, size, cfg = zoo.HELD_OUT_MODELS[3]  # the 6-layer mlp, a size training never draws
+    ex = models.get(name, size, **cfg)
+    graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+    topo = tag_jax.Topology.preset("tag-hetero")  # a held-out preset
+    alone = search(graph, topo, list(topo.ids), time_budget_s=0, policy=Policy.load())
+    ann, _ = mesh_problem(graph, topo, candidate_meshes(topo.ids, topo)[0])
+    dp = ann.sim.cost(baseline_strategy("data_parallel", graph, ann.op_strategies, ann.mesh))
+    assert alone.cost.step_time_s < dp.step_time_s
+
+
+def test_guided_search_keeps_baselines_and_adds_the_policy_seeds(mlp, policy):
     graph = mlp[1]
     r = search(graph, TOPO, list(TOPO.ids), time_budget_s=1.0, policy=policy)
-    assert any(k.startswith("policy") for k in r.seeds)
+    assert any(k.startswith("policy (") for k in r.seeds)  # its argument shardings, propagated
+    assert any(k.startswith("policy ops (") for k in r.seeds)  # its own op options
     assert any(k.startswith("data_parallel") for k in r.seeds)
     assert r.cost.step_time_s <= min(r.seeds.values()) * (1 + 1e-9)
+
+
+def test_teacher_projects_plans_onto_decision_vectors(mlp):
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.policy.teacher import mesh_problem, project
+    from tag_jax.search.planner import replicated_strategy
+
+    graph = mlp[1]
+    mesh = candidate_meshes(TOPO.ids, TOPO)[0]  # (data=8,)
+    ann, starts = mesh_problem(graph, TOPO, mesh)
+    G = len(ann.groups)
+    args = (graph, ann.op_strategies, ann.groups, ann.batch_sets)
+    assert project(*args, replicated_strategy(graph, mesh)) == (0,) * (G + 1)
+    dp = baseline_strategy("data_parallel", graph, ann.op_strategies, mesh)
+    assert project(*args, dp) == (0,) * G + (len(ann.batch_sets) - 1,) == starts["data_parallel"]
+    # a decision's own plan projects back onto a decision with the same argument shardings
+    for d in starts.values():
+        back = project(*args, ann.evaluate(d)[2])
+        assert ann.shardings(back)[0] == ann.shardings(d)[0]
+
+
+def test_class_labels_take_each_class_majority(built):
+    from tag_jax.policy.dataset import class_labels
+
+    graph, mesh, ctx, g = built
+    choices = [0] * len(graph.ops)
+    multi = next(m for m in ctx.classes if len(m) >= 2)  # the hidden layers' shared ops
+    for i in multi:
+        choices[i] = 2
+    choices[multi[0]] = 1  # one dissenter: the majority still wins when there are 3 or more
+    labels = class_labels(ctx, choices)
+    k = ctx.classes.index(multi)
+    assert labels[k] == (2 if len(multi) >= 3 else 1)  # (a tie goes to the lower option)
+    assert all(v == 0 for j, v in enumerate(labels) if j != k)
+    # labels land on the class nodes, weighted, and the teacher's decision on the group nodes
+    G = len(ctx.groups)
+    lg = features.build(graph, TOPO, mesh, ctx, labels=[0] * (G + 1), op_labels=labels)
+    assert lg.nodes["label"][G + 1 + k] == labels[k]
+    w = lg.nodes["has_label"][G + 1:G + 1 + len(ctx.classes)]
+    assert (w >= 0.2 - 1e-6).all() and (w <= 1 + 1e-6).all() and w.max() == pytest.approx(1.0)
+    assert (lg.nodes["has_label"][G + 1 + len(ctx.classes):] == 0).all()  # devices: no label
+
+
+def test_op_annealing_follows_its_prior_and_stops_at_max_moves(built):
+    from tag_jax.cost import Simulator
+    from tag_jax.search.anneal import anneal_ops, op_classes
+    from tag_jax.search.planner import replicated_strategy
+    from tag_jax.search.propagate import carried_outputs
+
+    graph, mesh, ctx, g = built
+    sim = Simulator(graph, ctx.op_strategies, TOPO, mesh, carried=carried_outputs(graph))
+    start = replicated_strategy(graph, mesh)
+    classes = op_classes(graph, ctx.op_strategies)
+    deadline = time.perf_counter() + 30
+    s0, c0, m0 = anneal_ops(sim, start, deadline, np.random.default_rng(0), max_moves=25)
+    assert m0 == 25 and c0.step_time_s <= sim.cost(start).step_time_s
+    # the same generator and no prior: the same moves (a prefix of a longer run)
+    s1, c1, m1 = anneal_ops(sim, start, deadline, np.random.default_rng(0), max_moves=25)
+    assert s1.choices == s0.choices
+    # a prior that puts all mass on option 1: every move it draws sets a class to option 1
+    prior = [np.eye(len(ctx.op_strategies[m[0]]))[1] for m in classes]
+    seen = []
+    inc_cls = type(sim.incremental(start))
+    propose = inc_cls.propose
+
+    def spy(self, changes):
+        seen.append(set(changes.values()))
+        return propose(self, changes)
+
+    inc_cls.propose = spy
+    try:
+        anneal_ops(sim, start, deadline, np.random.default_rng(1), prior=prior, max_moves=200)
+    finally:
+        inc_cls.propose = propose
+    assert len(seen) == 200
+    share = sum(v == {1} for v in seen) / len(seen)
+    assert share > 0.7  # PRIOR_WEIGHT (0.8) of the moves, plus uniform draws that pick 1
 
 
 @pytest.mark.parametrize("which", ["random", "shipped"])
@@ -164,7 +281,12 @@ def test_zero_budget_returns_the_policy_plan_and_it_computes_the_same_step(mlp, 
     mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
     step = tag_jax.auto_shard(ex.step, mesh, topology=TOPO, time_budget_s=0, policy=policy)
     plan = step.plan(state, batch)
-    assert plan.search.evaluations == 1 and list(plan.search.seeds) == ["policy (mesh choice 1)"]
+    # a few readings of its scores priced (no search moves), on its top meshes
+    from tag_jax.policy.guide import MESHES_TRIED
+
+    assert 1 <= plan.search.evaluations <= 3 * MESHES_TRIED
+    (name,) = plan.search.seeds
+    assert name in [f"policy (mesh choice {k + 1})" for k in range(MESHES_TRIED)]
     assert plan.cost.step_time_s > 0
     got = step(state, batch)
     want = jax.jit(ex.step)(state, batch)

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-TEACHER_VERSION = "teacher-1"  # bump when labels change meaning; keys the cache directory
+TEACHER_VERSION = "teacher-2"  # bump when labels change meaning; keys the cache directory
+MESH_TIE = 0.01  # meshes within 1% of the best all count as the best (the mesh head's target)
 
 
 def default_cache() -> str:
@@ -46,9 +47,10 @@ def progress(i: int, n: int, t0: float, what: str) -> None:
           end=end, file=sys.stderr, flush=True)
 
 
-def generate(n: int, seed: int = 0, cache: str | None = None, budget_s: float = 2.5,
+def generate(n: int, seed: int = 0, cache: str | None = None, budget_s: float = 1.0,
              show: bool = True) -> list[dict]:
-    """n records from problem seeds seed*100000 + i, reusing cached ones."""
+    """n records from problem seeds seed*100000 + i, reusing cached ones; `budget_s` is the
+    teacher's search time on each candidate mesh."""
     from tag_jax.policy import teacher, zoo
 
     cache = cache or default_cache()
@@ -76,6 +78,15 @@ def generate(n: int, seed: int = 0, cache: str | None = None, budget_s: float = 
     return out
 
 
+def class_labels(ctx, choices) -> list[int]:
+    """Each op class's option in a plan (the most common among its members, lowest on ties)."""
+    out = []
+    for members in ctx.classes:
+        votes = np.bincount([choices[i] for i in members])
+        out.append(int(np.argmax(votes)))
+    return out
+
+
 def graphs_of(record: dict, inst: int) -> Iterator:
     """Labelled GraphsTuples, one per mesh of the record; globals mark the best mesh."""
     from tag_jax.policy import features
@@ -84,13 +95,16 @@ def graphs_of(record: dict, inst: int) -> Iterator:
     graph, topology = build_problem(record["family"], record["config"], record["topology"])
     best = min(m["score"] for m in record["meshes"])
     for m in record["meshes"]:
+        if not np.isfinite(m["score"]):
+            continue
         mesh = MeshSpec(tuple(m["shape"]), tuple(m["axis_names"]), tuple(m["device_ids"]))
         ctx = features.context(graph, mesh)
-        if len(ctx.groups) + 1 != len(m["decision"]):
+        if len(ctx.groups) + 1 != len(m["decision"]) or len(m["choices"]) != len(graph.ops):
             continue  # the decision units changed since the record was made
-        g = features.build(graph, topology, mesh, ctx, labels=m["decision"])
+        g = features.build(graph, topology, mesh, ctx, labels=m["decision"],
+                           op_labels=class_labels(ctx, m["choices"]))
         ok = np.isfinite(m["score"]) and np.isfinite(m["dp"])
         glob = dict(g.globals, inst=np.array([inst + 1], np.int32),
-                    best=np.array([float(m["score"] == best)], np.float32),
+                    best=np.array([float(m["score"] <= best * (1 + MESH_TIE))], np.float32),
                     value=np.array([np.log(m["score"] / m["dp"]) if ok else 0.0], np.float32))
         yield g._replace(globals=glob)

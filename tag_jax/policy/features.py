@@ -6,9 +6,18 @@ one of them: to the group whose tensors it reads directly, else to the group of 
 labelled input, else to the batch node; so a group's FLOPs and bytes are those of the layer it
 parameterises, forward, backward and update. Devices are the mesh's devices.
 
+Op-class nodes (schema 2) are the second stage's decision units (`search.anneal.op_classes`: the
+same op in every repeated layer), each with its sharding options (`rules`): the policy scores them
+too, so its plan fixes every op's option and not only the arguments' shardings. They are joined to
+each other by the tensors between them and to the group that owns them (`assign_ops`). An op
+option's features: replicated or not, how far it divides the work and the output, which axes,
+partial sums, its compute and output-transfer times, and whether data parallel's propagated plan
+picks it (one `propagate` per mesh, in `context`).
+
 Edges (both directions where it says so): op->op (tensor bytes between groups, forward and
 backward types), device<->device (bandwidth, latency, same machine), op<->device (the group's
-compute time on that device: what joins the two graphs). As in TAG, times are divided by the L2
+compute time on that device: what joins the two graphs), class<->class (tensor bytes between op
+classes), class<->group (a class and the group that owns it). As in TAG, times are divided by the L2
 norm of the op-device compute-time matrix and bytes become times on the fastest link, so features
 are unit free. Each op node also carries its options (the action set, padded to MAX_OPTIONS and
 masked) and the mesh is described by the graph's globals; the network scores both.
@@ -27,14 +36,15 @@ import numpy as np
 
 from tag_jax.hlo.graph import OpGraph, Role
 
-SCHEMA_VERSION = "tag_jax-policy-features-1"
+SCHEMA_VERSION = "tag_jax-policy-features-2"
 MAX_OPTIONS = 32
-NODE_FEATURES = 20
+NODE_FEATURES = 26
 OPTION_FEATURES = 13
 EDGE_FEATURES = 4
-GLOBAL_FEATURES = 7
-EDGE_TYPES = ("op->op", "op<-op", "dev-dev", "op->dev", "dev->op")
-OP, BATCH, DEVICE = 0, 1, 2  # node types (padding nodes are zero rows with type 0 and no options)
+GLOBAL_FEATURES = 9
+EDGE_TYPES = ("op->op", "op<-op", "dev-dev", "op->dev", "dev->op", "cls->cls", "cls<-cls",
+              "cls->op", "op->cls")
+OP, BATCH, DEVICE, CLASS = 0, 1, 2, 3  # node types (padding nodes are zero rows with type 0 and no options)
 
 _EFF, _MEM_EFF = 0.5, 0.8  # as the simulator's defaults: only ratios matter after normalising
 
@@ -50,12 +60,57 @@ class Context:
 
     groups: tuple  # search.anneal.Group
     batch_sets: tuple  # axis sets for the batch dimension
+    op_strategies: tuple = ()  # rules.for_graph(graph, mesh.axes)
+    classes: tuple = ()  # search.anneal.op_classes: op ids sharing one option
+    dp_choices: tuple = ()  # every op's option propagated from data parallel's arguments
 
 
-def context(graph: OpGraph, mesh) -> Context:
-    from tag_jax.search.anneal import batch_options, param_groups
+def input_shardings(graph: OpGraph, groups, batch_sets, decision) -> tuple[tuple, tuple]:
+    """(storage, compute) sharding of every graph input under a decision vector (as the annealer)."""
+    from tag_jax.strategy import TensorSharding
 
-    return Context(param_groups(graph, mesh), batch_options(graph, mesh))
+    batch_axes = batch_sets[decision[-1]]
+    storage, compute = {}, {}
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        ts = TensorSharding.replicated(len(t.shape))
+        if t.role == Role.BATCH and t.shape and batch_axes:
+            ts = TensorSharding(((batch_axes,) + ((),) * (len(t.shape) - 1)))
+        storage[tid] = compute[tid] = ts
+    for group, k in zip(groups, decision):
+        opt = group.options[k]
+        for tid in group.tensors:
+            nd = len(graph.tensors[tid].shape)
+            storage[tid], compute[tid] = opt.storage(nd), opt.compute(nd)
+    return tuple(storage[t] for t in graph.inputs), tuple(compute[t] for t in graph.inputs)
+
+
+def propagated(graph: OpGraph, op_strategies, mesh, groups, batch_sets, decision,
+               prefer=None) -> tuple[int, ...]:
+    """Every op's option as the annealer's `evaluate` picks it for a decision vector (`prefer`, a
+    bonus in bytes per (op, option), as `search.propagate.propagate` takes it)."""
+    from tag_jax.search.propagate import carried_outputs, propagate
+
+    storage, compute = input_shardings(graph, groups, batch_sets, decision)
+    by_input = dict(zip(graph.inputs, storage))
+    wanted = {out: by_input[src] for out, src in carried_outputs(graph).items()}
+    return tuple(propagate(graph, op_strategies, mesh, compute, outputs=wanted, prefer=prefer))
+
+
+def default_decision(ctx: "Context") -> list[int]:
+    """Data parallel: weights replicated, the batch over every axis that divides it."""
+    return [0] * len(ctx.groups) + [len(ctx.batch_sets) - 1]
+
+
+def context(graph: OpGraph, mesh, op_strategies=None) -> Context:
+    from tag_jax import rules
+    from tag_jax.search.anneal import batch_options, op_classes, param_groups
+
+    ops = tuple(op_strategies if op_strategies is not None else rules.for_graph(graph, mesh.axes))
+    groups, batch_sets = param_groups(graph, mesh), batch_options(graph, mesh)
+    ctx = Context(groups, batch_sets, ops, op_classes(graph, ops))
+    dp = propagated(graph, ops, mesh, groups, batch_sets, default_decision(ctx))
+    return dataclasses.replace(ctx, dp_choices=dp)
 
 
 def assign_ops(graph: OpGraph, groups: Sequence) -> np.ndarray:
@@ -115,15 +170,59 @@ def _option_row(dim, axes, gather, shape, mesh, bw, nbytes, T, max_bw, min_mem, 
     return row
 
 
+_KINDS = {"dot_general": 0, "conv_general_dilated": 0}
+
+
+def _kind(primitive: str) -> int:
+    """0 contraction, 1 elementwise, 2 reduction, 3 data movement (reshape, transpose, gather...)."""
+    if primitive in _KINDS:
+        return 0
+    if primitive.startswith("reduce") or primitive in ("argmax", "argmin", "cumsum"):
+        return 2
+    if primitive in ("reshape", "transpose", "broadcast_in_dim", "gather", "scatter-add", "scatter",
+                     "slice", "dynamic_slice", "dynamic_update_slice", "concatenate", "pad",
+                     "squeeze", "expand_dims", "rev", "select_and_scatter_add", "iota"):
+        return 3
+    return 1
+
+
+def _op_option_row(j, s, is_dp, mesh, t_c, out_bytes, T, max_bw, ring_bw, out_shape):
+    """Features of one op option (an OpStrategy) of an op class."""
+    n = max(mesh.size, 2)
+    axes = s.split_axes
+    k = math.prod(mesh.axes[a] for a in axes) if axes else 1
+    out = s.outputs[0] if s.outputs else None
+    k_out = math.prod(mesh.axes[a] for a in out.axes) if out is not None and out.axes else 1
+    row = np.zeros(OPTION_FEATURES)
+    row[0] = j == 0
+    row[1] = 1.0 / k
+    row[2] = math.log2(k) / math.log2(n)
+    row[3] = bool(out is not None and out.partial)
+    row[4] = 1.0 / k_out
+    row[5] = "model" in axes
+    row[6] = "data" in axes
+    row[7] = is_dp  # data parallel's choice for the op
+    row[8] = _lg(t_c / k)
+    row[9] = _lg(out_bytes / k_out / max_bw / T)
+    row[10] = bool(out is not None and out.dims and out.dims[0])
+    row[11] = ring_bw(tuple(axes)) / max_bw if axes else 0.0
+    row[12] = bool(out is not None and out.dims and out.dims[-1]) and len(out_shape) > 1
+    return row
+
+
 def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] | None = None,
-          labels: Sequence[int] | None = None) -> jraph.GraphsTuple:
+          labels: Sequence[int] | None = None,
+          op_labels: Sequence[int] | None = None) -> jraph.GraphsTuple:
     """One unpadded GraphsTuple (numpy) for `graph` on `mesh`; `decision` is the current choice
     (default: replicated weights, batch over every axis, i.e. data parallel), `labels` the teacher's
-    decision vector (stored in nodes["label"], not read by the network)."""
+    decision vector and `op_labels` its option for every op class (stored in nodes["label"], not
+    read by the network). Nodes: groups, the batch, op classes, devices (in that order)."""
     groups, G = ctx.groups, len(ctx.groups)
-    decision = list(decision) if decision is not None else [0] * G + [len(ctx.batch_sets) - 1]
+    classes, C = ctx.classes, len(ctx.classes)
+    decision = list(decision) if decision is not None else default_decision(ctx)
     devs = [topology.device(i) for i in mesh.device_ids]
     D = len(devs)
+    F0 = G + 1 + C  # first device node
     owner = assign_ops(graph, groups)
 
     # Per-op compute time on each device kind (roofline, 16-bit rate for 16-bit outputs).
@@ -157,9 +256,10 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
     mix /= mix.sum(1, keepdims=True)
     g_bytes = np.zeros(G + 1)
     np.add.at(g_bytes, owner, nbytes)
-    x = np.zeros((G + 1 + D, NODE_FEATURES))
-    opt = np.zeros((G + 1 + D, MAX_OPTIONS, OPTION_FEATURES))
-    mask = np.zeros((G + 1 + D, MAX_OPTIONS), bool)
+    N = F0 + D
+    x = np.zeros((N, NODE_FEATURES))
+    opt = np.zeros((N, MAX_OPTIONS, OPTION_FEATURES))
+    mask = np.zeros((N, MAX_OPTIONS), bool)
     bw_of = {}
     for axes in {o.axes for g in groups for o in g.options} | set(ctx.batch_sets):
         bw_of[axes] = _ring_bw(topology, mesh, axes)
@@ -195,6 +295,38 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
         x[k, 8] = len(shape) / 4
         x[k, 9] = min(count, 64) / 16
         x[k, 10:13] = cur_row
+    # ---- op-class nodes -----------------------------------------------------------------------
+    def ring_bw(axes):
+        key = tuple(sorted(axes))
+        if key not in bw_of:
+            bw_of[key] = _ring_bw(topology, mesh, key)
+        return bw_of[key]
+
+    class_of = np.full(len(graph.ops), -1, np.int64)
+    fastest_op = t_op.min(1)
+    for c, members in enumerate(classes):
+        r = G + 1 + c
+        class_of[list(members)] = c
+        lead = graph.ops[members[0]]
+        options = ctx.op_strategies[lead.id]
+        t_c = float(fastest_op[list(members)].sum()) / T
+        out_bytes = float(sum(graph.tensors[t].nbytes for t in lead.outputs)) * len(members)
+        in_bytes = float(sum(graph.tensors[t].nbytes for t in lead.inputs)) * len(members)
+        x[r, 0] = t_c
+        x[r, 1] = _lg(t_c)
+        x[r, 2] = _lg(float(nbytes[list(members)].sum()) / (max_mbw * _MEM_EFF) / T)
+        x[r, 4] = _lg(out_bytes / max_bw / T)
+        x[r, 5 + role_of[lead.id]] = 1.0
+        x[r, 8] = (len(graph.tensors[lead.outputs[0]].shape) if lead.outputs else 0) / 4
+        x[r, 9] = min(len(members), 64) / 16
+        x[r, 20] = min(len(options), MAX_OPTIONS) / MAX_OPTIONS
+        x[r, 21] = _lg(in_bytes / max_bw / T)
+        x[r, 22 + _kind(lead.primitive)] = 1.0
+        dp = ctx.dp_choices[lead.id] if ctx.dp_choices else -1
+        for j, s in enumerate(options[:MAX_OPTIONS]):
+            opt[r, j] = _op_option_row(j, s, j == dp, mesh, t_c, out_bytes, T, max_bw, ring_bw,
+                                       graph.tensors[lead.outputs[0]].shape if lead.outputs else ())
+        mask[r, :min(len(options), MAX_OPTIONS)] = True
     # ---- device nodes -------------------------------------------------------------------------
     node_size = {}
     for d in devs:
@@ -202,7 +334,7 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
     max_fl = max(d.flops for d in devs)
     max_m = max(d.memory for d in devs)
     for j, d in enumerate(devs):
-        r = G + 1 + j
+        r = F0 + j
         x[r, 13] = d.flops / max_fl
         x[r, 14] = d.matmul_flops_fp32 / max(e.matmul_flops_fp32 for e in devs)
         x[r, 15] = d.memory / max_m
@@ -210,7 +342,7 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
         x[r, 17] = node_size[d.node] / D
         x[r, 18] = len(node_size) / D
         x[r, 19] = _lg(min_mem / d.memory)
-    types = np.array([OP] * G + [BATCH] + [DEVICE] * D, np.int32)
+    types = np.array([OP] * G + [BATCH] + [CLASS] * C + [DEVICE] * D, np.int32)
     # ---- edges --------------------------------------------------------------------------------
     snd, rcv, typ, ef = [], [], [], []
 
@@ -218,12 +350,18 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
         snd.append(s), rcv.append(r), typ.append(t), ef.append(f)
 
     flow: dict[tuple[int, int], float] = {}
+    cflow: dict[tuple[int, int], float] = {}
     for op in graph.ops:
         for t in op.inputs:
             p = graph.tensors[t].producer
-            if p is not None and owner[p] != owner[op.id]:
+            if p is None:
+                continue
+            if owner[p] != owner[op.id]:
                 key = (int(owner[p]), int(owner[op.id]))
                 flow[key] = flow.get(key, 0.0) + graph.tensors[t].nbytes
+            a, b = int(class_of[p]), int(class_of[op.id])
+            if a >= 0 and b >= 0 and a != b:
+                cflow[(a, b)] = cflow.get((a, b), 0.0) + graph.tensors[t].nbytes
     for (a, b), v in sorted(flow.items()):
         tt = v / max_bw / T
         f = (min(tt, 10.0), _lg(tt), 0.0, 0.0)
@@ -234,16 +372,26 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
             if i != j:
                 link = topology.link(mesh.device_ids[i], mesh.device_ids[j])
                 same = devs[i].node == devs[j].node
-                edge(G + 1 + i, G + 1 + j, 2, (link.bandwidth / max_bw, _lg(link.bandwidth / max_bw),
-                                               _lg(link.latency / T), float(same)))
+                edge(F0 + i, F0 + j, 2, (link.bandwidth / max_bw, _lg(link.bandwidth / max_bw),
+                                         _lg(link.latency / T), float(same)))
     for k in range(G + 1):
         for j in range(D):
             tt = t_gd[k, j] / T
             f = (tt, _lg(tt), t_gd[k, j] / max(t_gd[k].min(), 1e-30) - 1.0, 0.0)
-            edge(k, G + 1 + j, 3, f)
-            edge(G + 1 + j, k, 4, f)
-    lab = np.zeros(G + 1 + D, np.int32)
-    has = np.zeros(G + 1 + D, np.float32)
+            edge(k, F0 + j, 3, f)
+            edge(F0 + j, k, 4, f)
+    for (a, b), v in sorted(cflow.items()):
+        tt = v / max_bw / T
+        f = (min(tt, 10.0), _lg(tt), 0.0, 0.0)
+        edge(G + 1 + a, G + 1 + b, 5, f)
+        edge(G + 1 + b, G + 1 + a, 6, f)
+    for c, members in enumerate(classes):
+        k = int(owner[members[0]])
+        f = (x[G + 1 + c, 0], x[G + 1 + c, 1], 0.0, 0.0)
+        edge(G + 1 + c, k, 7, f)
+        edge(k, G + 1 + c, 8, f)
+    lab = np.zeros(N, np.int32)
+    has = np.zeros(N, np.float32)
     if labels is not None:
         # Imitation weight: the groups holding most bytes decide most of the step time; the choice
         # for a small bias or norm scale is close to arbitrary, so it counts a quarter.
@@ -252,6 +400,15 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
         for k, v in enumerate(labels):
             if v < MAX_OPTIONS:
                 lab[k], has[k] = v, (0.25 + 0.75 * sizes[k] / top) if k < G else 1.0
+    if op_labels is not None:
+        # Op classes: many, each choice cheap to get wrong alone; weighted by their share of the
+        # time (compute on the fastest device and their outputs on the fastest link), at least 0.2.
+        w = np.array([x[G + 1 + c, 0] + min(10 ** (6 * (x[G + 1 + c, 4] - 1.0)), 10.0)
+                      for c in range(C)]) if C else np.zeros(0)
+        w = 0.2 + 0.8 * w / max(float(w.max(initial=0.0)), 1e-30)
+        for c, v in enumerate(op_labels):
+            if 0 <= v < MAX_OPTIONS:
+                lab[G + 1 + c], has[G + 1 + c] = v, w[c]
     glob = np.zeros((1, GLOBAL_FEATURES))
     names = list(mesh.axis_names)
     n = max(mesh.size, 2)
@@ -260,14 +417,19 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
     glob[0] = (math.log2(dsz) / math.log2(n), math.log2(msz) / math.log2(n), len(names) > 1,
                _ring_bw(topology, mesh, (names[0],)) / max_bw,
                _ring_bw(topology, mesh, (names[-1],)) / max_bw if len(names) > 1 else 0.0,
-               mesh.size / 16, len(node_size) / D)
+               mesh.size / 16, len(node_size) / D,
+               # which share of the cluster the mesh uses, and how much faster its slowest device
+               # is than the cluster's (meshes of the faster devices only, on mixed clusters)
+               mesh.size / len(topology.devices),
+               math.log10(min(d.flops_fp32 for d in devs)
+                          / min(d.flops_fp32 for d in topology.devices)))
     return jraph.GraphsTuple(
         nodes={"x": x.astype(np.float32), "type": types, "opt": opt.astype(np.float32),
                "mask": mask, "label": lab, "has_label": has},
         edges={"x": np.asarray(ef, np.float32).reshape(-1, EDGE_FEATURES),
                "type": np.asarray(typ, np.int32)},
         senders=np.asarray(snd, np.int32), receivers=np.asarray(rcv, np.int32),
-        n_node=np.array([G + 1 + D], np.int32), n_edge=np.array([len(snd)], np.int32),
+        n_node=np.array([N], np.int32), n_edge=np.array([len(snd)], np.int32),
         globals={"x": glob.astype(np.float32), "inst": np.zeros(1, np.int32),
                  "best": np.zeros(1, np.float32), "value": np.zeros(1, np.float32),
                  "valid": np.ones(1, np.float32)})

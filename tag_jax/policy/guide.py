@@ -1,9 +1,12 @@
 """Using a trained policy: scores for the search, and the policy's own plan.
 
 `Policy.guide(graph, topology, meshes)` runs the network once over every candidate mesh (one padded
-batch) and returns, per mesh, the decision vector it prefers, per-unit option probabilities (the
-annealer's move prior) and a mesh logit. `policy_plan` prices that preferred decision on the mesh
-the policy ranks first: one simulator evaluation, no search.
+batch) and returns, per mesh, the decision vector it prefers (argument shardings), the option it
+prefers for every op class, per-unit option probabilities for both (the annealers' move priors) and
+a mesh logit. `policy_plan` prices the policy's plan on the MESHES_TRIED meshes it ranks first, three
+readings each (its op options with its argument shardings; the same made consistent by propagation;
+its argument shardings with op options propagated as the annealer does) and returns the fastest:
+a few simulator evaluations, no search moves.
 """
 from __future__ import annotations
 
@@ -25,6 +28,52 @@ class Guide:
     prior: tuple[np.ndarray, ...]  # per unit, probabilities over its options
     mesh_logit: float
     value: float  # predicted log(best / data-parallel step time) on this mesh
+    op_choices: tuple[int, ...] = ()  # argmax option of every op class (features.Context.classes)
+    op_prior: tuple[np.ndarray, ...] = ()  # per op class, probabilities over its options
+    context: object = None  # the features.Context the scores are for
+
+    def strategy(self, graph, name: str = "policy"):
+        """The policy's plan: its argument shardings and its option for every op (ops of no class
+        have one option)."""
+        from tag_jax.strategy import Strategy
+
+        ctx = self.context
+        storage, _ = features.input_shardings(graph, ctx.groups, ctx.batch_sets, self.decision)
+        choices = [0] * len(graph.ops)
+        for members, k in zip(ctx.classes, self.op_choices):
+            for i in members:
+                choices[i] = k
+        return Strategy(self.mesh, tuple(choices), storage, name=name)
+
+    def propagated(self, graph, name: str = "policy"):
+        """Its argument shardings with op options chosen by `search.propagate`, which trades the
+        resharding bytes around each op against a bonus for the options the policy prefers (its
+        probability times the bytes the op reads and writes): the policy's choices made
+        consistent with each other."""
+        from tag_jax.strategy import Strategy
+
+        ctx = self.context
+        prob: dict[int, np.ndarray] = {}
+        for members, p in zip(ctx.classes, self.op_prior):
+            for i in members:
+                prob[i] = p
+        index = {}
+        around = {}
+
+        def prefer(op, s):
+            p = prob.get(op.id)
+            if p is None:
+                return 0.0
+            if op.id not in index:
+                index[op.id] = {id(o): k for k, o in enumerate(ctx.op_strategies[op.id])}
+                around[op.id] = float(sum(graph.tensors[t].nbytes for t in op.inputs + op.outputs))
+            k = index[op.id][id(s)]
+            return float(p[k]) * around[op.id] if k < len(p) else 0.0
+
+        choices = features.propagated(graph, ctx.op_strategies, self.mesh, ctx.groups,
+                                      ctx.batch_sets, self.decision, prefer=prefer)
+        storage, _ = features.input_shardings(graph, ctx.groups, ctx.batch_sets, self.decision)
+        return Strategy(self.mesh, choices, storage, name=name)
 
 
 class Policy:
@@ -58,6 +107,7 @@ class Policy:
         res, base = [], 0
         for k, (m, c, g) in enumerate(zip(meshes, ctxs, gs)):
             units = [len(u.options) for u in c.groups] + [len(c.batch_sets)]
+            units += [len(c.op_strategies[members[0]]) for members in c.classes]
             prior, decision = [], []
             for j, n in enumerate(units):
                 s = out["options"][base + j][:min(n, features.MAX_OPTIONS)].astype(np.float64)
@@ -65,8 +115,9 @@ class Policy:
                 p = np.concatenate([p / p.sum(), np.zeros(max(0, n - features.MAX_OPTIONS))])
                 prior.append(p)
                 decision.append(int(np.argmax(p)))
-            res.append(Guide(m, tuple(decision), tuple(prior), float(out["mesh"][k]),
-                             float(out["value"][k])))
+            G1 = len(c.groups) + 1
+            res.append(Guide(m, tuple(decision[:G1]), tuple(prior[:G1]), float(out["mesh"][k]),
+                             float(out["value"][k]), tuple(decision[G1:]), tuple(prior[G1:]), c))
             base += int(g.n_node[0])
         return res
 
@@ -91,23 +142,48 @@ def resolve(policy) -> Policy | None:
     return policy
 
 
+MESHES_TRIED = 3  # the policy's plans are priced on the meshes it ranks this high
+
+
 def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit: float | None):
-    """(SearchResult, annealer) for the policy's plan alone, or None if none of its plans fits."""
+    """SearchResult of the policy's plan alone, or None if none of its plans fits. On each of the
+    MESHES_TRIED meshes it ranks first (more where none fits), three readings of its scores are
+    priced: its op options with its argument shardings (`Guide.strategy`), the same made
+    consistent by propagation (`Guide.propagated`), and its argument shardings with op options
+    propagated as the annealer does; the fastest that fits is returned. A few simulator
+    evaluations, no search moves."""
     import time
 
-    from tag_jax.policy.teacher import mesh_problem
+    from tag_jax.cost import Simulator
     from tag_jax.search.anneal import SearchResult
+    from tag_jax.search.propagate import carried_outputs
+    from tag_jax.strategy import Strategy
 
     t0 = time.perf_counter()
     guides = sorted(policy.guide(graph, topology, meshes), key=lambda g: -g.mesh_logit)
+    carried = carried_outputs(graph)
+    evaluations, best = 0, None
     for k, g in enumerate(guides):
-        ann, _ = mesh_problem(graph, topology, g.mesh, memory_limit)
-        score, cost, strategy = ann.evaluate(g.decision)
-        if math.isfinite(score):
-            name = f"policy (mesh choice {k + 1})"
-            decisions = {u.key: u.options[i] for u, i in zip(ann.groups, g.decision)}
-            strategy = dataclasses.replace(strategy, name=f"tag_jax ({name})")
-            return SearchResult(strategy=strategy, cost=cost, evaluations=ann.evaluations,
-                                seconds=time.perf_counter() - t0, seeds={name: cost.step_time_s},
-                                decisions=decisions, history=((time.perf_counter() - t0, score),))
-    return None
+        if k >= MESHES_TRIED and best is not None:
+            break
+        ctx = g.context
+        sim = Simulator(graph, ctx.op_strategies, topology, g.mesh, carried=carried)
+        storage, _ = features.input_shardings(graph, ctx.groups, ctx.batch_sets, g.decision)
+        plain = features.propagated(graph, ctx.op_strategies, g.mesh, ctx.groups, ctx.batch_sets,
+                                    g.decision)
+        for j, strategy in enumerate((g.strategy(graph), g.propagated(graph),
+                                      Strategy(g.mesh, plain, storage, name="policy"))):
+            cost = sim.cost(strategy)
+            evaluations += 1
+            fits = memory_limit is None or cost.peak_memory_bytes <= memory_limit
+            if fits and (best is None or cost.step_time_s < best[0]):
+                best = (cost.step_time_s, k, strategy, cost, g)
+    if best is None:
+        return None
+    score, k, strategy, cost, g = best
+    name = f"policy (mesh choice {k + 1})"
+    decisions = {u.key: u.options[i] for u, i in zip(g.context.groups, g.decision)}
+    strategy = dataclasses.replace(strategy, name=f"tag_jax ({name})")
+    return SearchResult(strategy=strategy, cost=cost, evaluations=evaluations,
+                        seconds=time.perf_counter() - t0, seeds={name: cost.step_time_s},
+                        decisions=decisions, history=((time.perf_counter() - t0, score),))

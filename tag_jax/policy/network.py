@@ -1,11 +1,13 @@
 """The policy network (flax + jraph): typed-edge graph attention, then option, mesh and value heads.
 
-Layers follow TAG: each edge type has its own key/value projections and attention heads; a node
-attends separately over its incoming edges of each type (softmax per receiver and type), the
-per-type results are joined, projected and added back (residual, layer norm). Heads:
+Layers follow TAG: each edge type has its own attention heads (keys, queries and values offset by
+a projection of the edge's features and type); a node attends separately over its incoming edges
+of each type (softmax per receiver and type), the per-type results are joined, projected and added
+back (residual, layer norm). Heads:
 
-- options: every op-group node scores each of its candidate options from [node embedding, option
-  features, the graph's mean device embedding, mesh globals]; invalid (padding) options get -1e9;
+- options: every parameter-group, batch and op-class node scores each of its candidate options
+  from [node embedding, option features, the graph's mean device embedding, mesh globals]; invalid
+  (padding) options get -1e9;
 - mesh: one logit per graph (a graph is one candidate mesh of a problem), from pooled embeddings;
 - value: log(best step time / data-parallel step time) on that mesh.
 """
@@ -35,14 +37,15 @@ class TypedAttention(nn.Module):
     def __call__(self, h, e, senders, receivers, etype):
         T, H, K = len(F.EDGE_TYPES), self.hidden, self.heads
         N, E = h.shape[0], senders.shape[0]
-        # Per-type projections are computed per node (N rows, not E) and each edge gathers the row
-        # of its type; the edge's own features (type one-hot included) add a shared projection.
-        q = nn.Dense(T * H, name="query")(h).reshape(N * T, K, H // K)
-        kv = nn.Dense(2 * T * H, name="key_value")(h).reshape(N * T, 2, K, H // K)
-        kv = kv[senders * T + etype] + nn.Dense(2 * H, name="key_value_edge")(e).reshape(E, 2, K, H // K)
-        qe = q[receivers * T + etype]  # [E, K, d]
+        # Queries, keys and values are projected once per node; each edge adds a projection of its
+        # own features (its type one-hot included) to its key and value, so each type has its own
+        # offset at the cost of one shared projection.
+        q = nn.Dense(H, name="query")(h).reshape(N, K, H // K)
+        kv = nn.Dense(2 * H, name="key_value")(h).reshape(N, 2, K, H // K)
+        kv = kv[senders] + nn.Dense(2 * H, name="key_value_edge")(e).reshape(E, 2, K, H // K)
+        qe = q[receivers] + nn.Dense(H, name="query_edge")(e).reshape(E, K, H // K)
         logits = (qe * kv[:, 0]).sum(-1) / jnp.sqrt(H // K)          # [E, K]
-        seg = receivers * T + etype
+        seg = receivers * T + etype  # a softmax per receiver and edge type
         w = jraph.segment_softmax(logits, seg, N * T)
         agg = jax.ops.segment_sum(w[..., None] * kv[:, 1], seg, N * T)  # [N*T, K, d]
         out = nn.Dense(H, name="out")(agg.reshape(N, T * H))
@@ -60,7 +63,7 @@ class PolicyNet(nn.Module):
         nodes, edges = g.nodes, g.edges
         N = nodes["x"].shape[0]
         G = g.n_node.shape[0]
-        ntype = jax.nn.one_hot(nodes["type"], 3)
+        ntype = jax.nn.one_hot(nodes["type"], 4)
         h = nn.gelu(nn.Dense(H, name="embed_node")(jnp.concatenate([nodes["x"], ntype], -1)))
         e = jnp.concatenate([edges["x"], jax.nn.one_hot(edges["type"], len(F.EDGE_TYPES))], -1)
         for i in range(self.layers):

@@ -1,16 +1,16 @@
-"""The teacher: what the search finds on each candidate mesh of one (graph, topology).
+"""The teacher: what the planner's whole search finds on each candidate mesh of one (graph, topology).
 
-The same machinery as `search.planner.search` (candidate meshes, the baseline starting vectors,
-`Annealer.run`), kept per mesh so that one problem yields a label on every mesh: the best decision
-vector found there, its predicted step time, and data parallel's for reference.
+`search_labels` runs `search.planner.search` restricted to one mesh at a time (its seeds, the ILP,
+argument annealing, op-option annealing; no device re-ordering), so that one problem yields a label
+on every mesh: the final plan's option for every op, its argument shardings as a decision vector
+(one option per parameter group plus the batch), its predicted step time, and data parallel's for
+reference. The labels are the plan the search returns, both stages, not only its first.
 """
 from __future__ import annotations
 
-import time
+import math
 
-import numpy as np
-
-from tag_jax.hlo.graph import OpGraph
+from tag_jax.hlo.graph import OpGraph, Role
 
 
 def mesh_problem(graph: OpGraph, topology, mesh, memory_limit: float | None = None):
@@ -28,22 +28,57 @@ def mesh_problem(graph: OpGraph, topology, mesh, memory_limit: float | None = No
     return ann, {k: _start(ann, k) for k in kinds}
 
 
+def project(graph: OpGraph, op_strategies, groups, batch_sets, strategy) -> tuple[int, ...]:
+    """The decision vector closest to a strategy's argument shardings: per group the option that
+    stores its parameter as the strategy does (gathered at use when the ops reading the parameter
+    want it whole although it is stored split), and the batch's axis set."""
+    storage = dict(zip(graph.inputs, strategy.input_shardings))
+    readers: dict[int, list] = {}
+    for op in graph.ops:
+        for pos, t in enumerate(op.inputs):
+            readers.setdefault(t, []).append((op.id, pos))
+    out = []
+    for g in groups:
+        lead = g.tensors[0]
+        nd = len(graph.tensors[lead].shape)
+        want = storage[lead].without_partial()
+        used = [op_strategies[o][strategy.choices[o]].inputs[p] for o, p in readers.get(lead, ())]
+        whole = bool(used) and all(u.is_replicated() for u in used) and not want.is_replicated()
+        match = [k for k, o in enumerate(g.options) if o.storage(nd) == want]
+        pick = next((k for k in match if g.options[k].gather == whole), match[0] if match else 0)
+        out.append(pick)
+    batch = [t for t in graph.inputs if graph.tensors[t].role == Role.BATCH and graph.tensors[t].shape]
+    axes = storage[batch[0]].dims[0] if batch else ()
+    out.append(batch_sets.index(axes) if axes in batch_sets else len(batch_sets) - 1)
+    return tuple(out)
+
+
 def search_labels(graph: OpGraph, topology, budget_s: float, seed: int = 0) -> list[dict]:
-    """Per candidate mesh: {"shape", "axis_names", "device_ids", "decision", "score", "dp", "evals"}."""
+    """Per candidate mesh (the planner's: on mixed clusters also meshes of the faster devices
+    only), the planner's plan on that mesh alone (`budget_s` seconds each):
+    {"shape", "axis_names", "device_ids", "decision", "choices" (one option index per op), "score",
+    "dp", "source" (which seed it came from)}; score is infinite where nothing fits in memory."""
+    from tag_jax import rules
     from tag_jax.cost.simulate import USABLE_MEMORY
-    from tag_jax.search.anneal import candidate_meshes
+    from tag_jax.search.anneal import batch_options, candidate_meshes, param_groups
+    from tag_jax.search.planner import PlanningError, search
 
     limit = USABLE_MEMORY * min(d.memory for d in topology.devices)
-    rng = np.random.default_rng(seed)
-    meshes = candidate_meshes(topology.ids, topology)
     out = []
-    for k, mesh in enumerate(meshes):
-        ann, starts = mesh_problem(graph, topology, mesh, limit)
-        scored = sorted((ann.evaluate(s)[0], name, s) for name, s in starts.items())
-        dp = ann.evaluate(starts["data_parallel"])[0]
-        deadline = time.perf_counter() + budget_s / len(meshes)
-        score, _, _, decision = ann.run(scored[0][2], deadline, rng, lambda v: None)
-        out.append({"shape": list(mesh.shape), "axis_names": list(mesh.axis_names),
-                    "device_ids": list(mesh.device_ids), "decision": [int(x) for x in decision],
-                    "score": float(score), "dp": float(dp), "evals": ann.evaluations})
+    for mesh in candidate_meshes(topology.ids, topology, leave_out=True):
+        rec = {"shape": list(mesh.shape), "axis_names": list(mesh.axis_names),
+               "device_ids": list(mesh.device_ids)}
+        try:
+            r = search(graph, topology, list(mesh.device_ids), mesh_shape=mesh.shape,
+                       axis_names=mesh.axis_names, time_budget_s=budget_s, memory_limit=limit,
+                       seed=seed, permute=False)
+        except PlanningError:
+            out.append(dict(rec, decision=[], choices=[], score=math.inf, dp=math.inf, source=""))
+            continue
+        decision = project(graph, rules.for_graph(graph, mesh.axes), param_groups(graph, mesh),
+                           batch_options(graph, mesh), r.strategy)
+        dp = next((v for k, v in r.seeds.items() if k.startswith("data_parallel")), math.inf)
+        out.append(dict(rec, decision=[int(x) for x in decision],
+                        choices=[int(x) for x in r.strategy.choices], score=float(r.cost.step_time_s),
+                        dp=float(dp), source=r.strategy.name))
     return out

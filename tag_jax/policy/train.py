@@ -1,12 +1,15 @@
-"""Retrain the policy from scratch: `python -m tag_jax.policy.train [--problems 180] [--epochs 80]`.
+"""Retrain the policy from scratch: `python -m tag_jax.policy.train [--problems 90] [--epochs 20]`.
 
-1. searches random problems (`zoo`) with the teacher, caching each on disk (`dataset`);
+1. searches random problems (`zoo`) with the teacher, the planner's whole search on every candidate
+   mesh (`teacher`, `--budget` seconds per mesh), caching each on disk (`dataset`; a rerun resumes);
 2. builds the joint graphs, holds out the last tenth of the problems for validation;
-3. fits `PolicyNet` by imitation (cross-entropy on each group's chosen option and on the best
-   mesh, plus a squared loss on the value head) with optax AdamW and gradient clipping;
-4. writes `tag_jax/policy/weights/policy.npz` with the feature schema version.
+3. fits `PolicyNet` by imitation (cross-entropy on each parameter group's and op class's option in
+   the teacher's final plan and on the best meshes, plus a squared loss on the value head) with
+   optax AdamW and gradient clipping, stopping after `--max-minutes` of fitting at the latest;
+4. writes `tag_jax/policy/weights/policy.npz` with the feature schema and teacher versions.
 
-About 20 minutes on two CPU cores with an empty cache, a few minutes with a full one.
+About 16 minutes on two shared CPU cores with an empty cache (searching ~9, features ~2, fitting
+~4), about 6 with a full one.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from tag_jax.policy import dataset, features, store
 from tag_jax.policy.network import PolicyNet
 
 CONFIG = {"hidden": 64, "layers": 3, "heads": 4}
-INSTANCES_PER_BATCH = 8
+MAX_NODES = 2048  # per training batch (padded to a power of two)
+RARE_WEIGHT = 3.0
 
 
 def loss_fn(params, net, g):
@@ -32,8 +36,14 @@ def loss_fn(params, net, g):
     nodes, glob = g.nodes, g.globals
     logp = jax.nn.log_softmax(out["options"], axis=-1)
     nll = -jnp.take_along_axis(logp, nodes["label"][:, None], axis=1)[:, 0]
-    has = nodes["has_label"]
-    option_loss = (nll * has).sum() / jnp.maximum(has.sum(), 1.0)
+    # The rarer choices other than option 0 (replication) count RARE_WEIGHT times: otherwise the
+    # fit lingers on "replicate everything", right for most labels and useless where it is not.
+    has = nodes["has_label"] * jnp.where(nodes["label"] > 0, RARE_WEIGHT, 1.0)
+    # Argument shardings (a few group nodes) and op options (many class nodes) weigh the same.
+    is_class = (nodes["type"] == features.CLASS) * (has > 0)
+    w_class, w_unit = has * is_class, has * (1 - is_class)
+    option_loss = ((nll * w_unit).sum() / jnp.maximum(w_unit.sum(), 1e-6)
+                   + (nll * w_class).sum() / jnp.maximum(w_class.sum(), 1e-6))
     correct = (jnp.argmax(out["options"], -1) == nodes["label"]) * has
     # Mesh: softmax over the graphs of one problem (same `inst`); segment 0 is padding.
     n_seg = glob["inst"].shape[0] + 1
@@ -48,31 +58,46 @@ def loss_fn(params, net, g):
     total = option_loss + 0.5 * mesh_loss + 0.5 * value_loss
     stats = {"option": option_loss, "mesh": mesh_loss, "value": value_loss,
              "option_hits": correct.sum(), "options": has.sum(),
+             "class_hits": (correct > 0).sum(where=is_class > 0), "classes": is_class.sum(),
+             "unit_hits": (correct > 0).sum(where=(has > 0) & (is_class == 0)),
+             "units": ((has > 0) & (is_class == 0)).sum(),
              "mesh_hits": mesh_hit.sum(), "meshes": target.sum()}
     return total, stats
 
 
-def batches(problems) -> list:
-    """Padded batches of about INSTANCES_PER_BATCH problems (all meshes of a problem together),
-    problems of similar size together: fixed once, so each batch shape compiles once."""
-    order = sorted(range(len(problems)), key=lambda k: sum(int(g.n_node[0]) for g in problems[k]))
+def batches(problems, max_nodes: int = MAX_NODES) -> list:
+    """Padded batches of whole problems (all meshes of a problem together), problems of similar
+    size together, packed up to `max_nodes` nodes (a larger problem alone) and 63 graphs: fixed
+    once, and nearly all of one padded shape, so the training step compiles once or twice."""
+    size = [sum(int(g.n_node[0]) for g in p) for p in problems]
+    order = sorted(range(len(problems)), key=lambda k: size[k])
+    groups, cur, nodes, n_graphs = [], [], 0, 0
+    for k in order:
+        if cur and (nodes + size[k] > max_nodes or n_graphs + len(problems[k]) > 63):
+            groups.append(cur)
+            cur, nodes, n_graphs = [], 0, 0
+        cur.append(k)
+        nodes += size[k]
+        n_graphs += len(problems[k])
+    if cur:
+        groups.append(cur)
     out = []
-    for s in range(0, len(order), INSTANCES_PER_BATCH):
+    for members in groups:
         graphs = []
-        for j, k in enumerate(order[s:s + INSTANCES_PER_BATCH]):
+        for j, k in enumerate(members):
             for g in problems[k]:
                 graphs.append(g._replace(globals=dict(g.globals, inst=np.array([j + 1], np.int32))))
         out.append(features.pad(graphs, n_graph=64))
     return out
 
 
-def fit(problems, val, epochs: int, seed: int = 0, lr: float = 2e-3, show: bool = True,
+def fit(problems, val, epochs: int, seed: int = 0, lr: float = 3e-3, show: bool = True,
         max_minutes: float = 12.0):
     net = PolicyNet(**CONFIG)
     rng = np.random.default_rng(seed)
     train_batches = batches(problems)
     params = jax.jit(net.init)(jax.random.key(seed), train_batches[0])["params"]
-    steps = epochs * -(-len(problems) // INSTANCES_PER_BATCH)
+    steps = epochs * len(train_batches)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
     opt_state = tx.init(params)
@@ -113,19 +138,22 @@ def _metrics(evaluate, params, problems) -> dict:
     if not tot:
         return {}
     return {"option_accuracy": tot["option_hits"] / max(tot["options"], 1),
+            "class_accuracy": tot["class_hits"] / max(tot["classes"], 1),
+            "argument_accuracy": tot["unit_hits"] / max(tot["units"], 1),
             "mesh_accuracy": tot["mesh_hits"] / max(tot["meshes"], 1)}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The retraining options (shared by `python -m tag_jax.policy.train` and `tag-jax train-policy`)."""
-    ap.add_argument("--problems", type=int, default=180, help="random problems to search (cached)")
-    ap.add_argument("--budget", type=float, default=3.0, help="teacher search seconds per problem")
-    ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--problems", type=int, default=90, help="random problems to search (cached)")
+    ap.add_argument("--budget", type=float, default=1.0,
+                    help="teacher search seconds per candidate mesh of a problem")
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help=f"search cache (default {dataset.default_cache()})")
     ap.add_argument("--out", default=store.DEFAULT_PATH,
                     help="where the weights go (default: the package's shipped weights)")
-    ap.add_argument("--max-minutes", type=float, default=6.0, help="limit on the fitting stage")
+    ap.add_argument("--max-minutes", type=float, default=5.0, help="limit on the fitting stage")
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
@@ -153,7 +181,8 @@ def run(args: argparse.Namespace) -> dict:
     params, report = fit(problems[:-n_val], problems[-n_val:], args.epochs, args.seed,
                          max_minutes=args.max_minutes)
     report.update(problems=len(problems), validation_problems=n_val, epochs=args.epochs,
-                  total_seconds=time.perf_counter() - t0, teacher=dataset.TEACHER_VERSION)
+                  total_seconds=time.perf_counter() - t0, teacher=dataset.TEACHER_VERSION,
+                  schema=features.SCHEMA_VERSION, teacher_budget_s=args.budget)
     store.save(args.out, params, CONFIG, report)
     print("wrote", args.out, {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()},
           file=sys.stderr)

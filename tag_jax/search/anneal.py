@@ -149,6 +149,8 @@ class Annealer:
         self._cache: dict[tuple, tuple[float, Any, Strategy]] = {}
         # Optional move prior (tag_jax.policy): per unit, probabilities over its options.
         self.prior: tuple[np.ndarray, ...] | None = None
+        # ... and per op class (`op_classes` order), for `anneal_ops`.
+        self.op_prior: tuple[np.ndarray, ...] | None = None
 
     def shardings(self, decision: tuple[int, ...]) -> tuple[tuple[TensorSharding, ...], tuple[TensorSharding, ...]]:
         """(storage, compute) sharding of every graph input under a decision vector."""
@@ -315,27 +317,43 @@ def op_classes(graph: OpGraph, op_strategies) -> tuple[tuple[int, ...], ...]:
 
 def anneal_ops(simulator, strategy: Strategy, deadline: float, rng: np.random.Generator,
                classes: Sequence[Sequence[int]] | None = None, temperature: float = 0.02,
-               memory_limit: float | None = None) -> tuple[Strategy, Any, int]:
+               memory_limit: float | None = None, prior: Sequence[np.ndarray] | None = None,
+               max_moves: int | None = None) -> tuple[Strategy, Any, int]:
     """Anneal op options (inputs fixed) with class moves priced incrementally; confirm the best.
 
     Moves set one class of ops to one option; acceptance is Metropolis on the no-overlap step time,
     with a temperature relative to the current time that cools geometrically. The best strategy seen
     is re-priced by the full simulator (overlap, memory) and returned only if it beats the start.
+    `prior` (tag_jax.policy, one probability vector per class of `classes`): a share PRIOR_WEIGHT
+    of the moves draws the option from it (never the current one) instead of uniformly.
+    `max_moves` stops after that many priced moves (the clock still bounds them).
     """
     graph, ops = simulator.graph, simulator.op_strategies
     classes = list(classes if classes is not None else op_classes(graph, ops))
     start_cost = simulator.cost(strategy)
     if not classes:
         return strategy, start_cost, 1
+    if prior is not None and len(prior) != len(classes):
+        prior = None  # scores for other classes (another rule set): moves stay uniform
     inc = simulator.incremental(strategy)
     cur = inc.time
     best_time, best_choices = cur, inc.choices.copy()
     moves = 0
     temp = temperature
-    while time.perf_counter() < deadline:
+    stop = math.inf if max_moves is None else max_moves
+    while time.perf_counter() < deadline and moves < stop:
         for _ in range(64):  # check the clock every few moves
-            members = classes[int(rng.integers(len(classes)))]
-            k = int(rng.integers(len(ops[members[0]])))
+            if moves >= stop:
+                break
+            c = int(rng.integers(len(classes)))
+            members = classes[c]
+            n = len(ops[members[0]])
+            if prior is not None and rng.random() < PRIOR_WEIGHT:
+                p = np.array(prior[c][:n], np.float64)
+                p[inc.choices[members[0]]] = 0.0
+                k = int(rng.choice(n, p=p / p.sum())) if p.sum() > 1e-9 else int(rng.integers(n))
+            else:
+                k = int(rng.integers(n))
             changes = {i: k for i in members if inc.choices[i] != k}
             if not changes:
                 continue

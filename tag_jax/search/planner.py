@@ -31,7 +31,7 @@ ILP_SHARE = 0.5  # of the time budget, at most, for the ILP seed on the first me
 # (skipped under 0.5 s)
 ILP_SHARE_LARGE = 0.75  # the same where one seed costs more than 1/80 of the budget (large graphs)
 SEED_SECONDS_PER_OP = 4e-5  # one seed's pricing per op (GPT-2 small: 5,781 ops, ~0.25 s/seed here)
-POLICY_SECONDS_PER_OP_MESH = 6e-5  # the policy's seeds: features, network, one pricing per mesh
+POLICY_SECONDS_PER_OP_MESH = 3e-4  # the policy's seeds per op and mesh (GPT-2 small, 2 meshes: ~3.5 s)
 SETTLED_WEIGHT = 0.5  # share of a mesh whose best seed is a proven-optimal ILP plan, against 1
 TWO_D_OPTIONS = 60_000  # the 2-D seed on graphs with at most this many op options (one propagate)
 
@@ -149,11 +149,11 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     # The policy's seeds (features and one network call per mesh, ~0.5 s) whenever the budget
     # allows them, not by the clock, so one seed gives the same seeds on a busier machine; only a
     # budget already spent, or too short for them on this graph (estimated from its size), skips them.
-    policy_s = POLICY_SECONDS_PER_OP_MESH * len(graph.ops) * len({id(s[4]) for s in scored})
+    policy_s = POLICY_SECONDS_PER_OP_MESH * len(graph.ops) * min(2, len({id(s[4]) for s in scored}))
     spent = time.perf_counter() - t0
     if (policy is not None and time_budget_s >= 1.0 and spent < 0.9 * time_budget_s
             and spent + policy_s < time_budget_s):
-        _add_policy_seeds(policy, graph, topology, scored, seeds)
+        _add_policy_seeds(policy, graph, topology, scored, seeds, memory_limit)
         if progress:
             _say(f"policy seeds: best {min(s[0] for s in scored):.4g} s", t0)
     scored.sort(key=lambda s: s[0])
@@ -210,7 +210,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
         results = []
         for j, (score, name, cost, strategy) in enumerate(starts):
             until = time.perf_counter() + (deadline - time.perf_counter()) / (len(starts) - j)
-            strategy, cost, moves = anneal_ops(ann.sim, strategy, until, rng, memory_limit=ann.memory_limit)
+            strategy, cost, moves = anneal_ops(ann.sim, strategy, until, rng, memory_limit=ann.memory_limit,
+                                               prior=ann.op_prior)
             evaluations += moves
             results.append((_score(cost, ann.memory_limit), name, cost, strategy))
             if progress:
@@ -294,19 +295,33 @@ def _add_ilp_seed(graph: OpGraph, topology, ann: Annealer, scored: list, seeds: 
     return info
 
 
-def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict) -> None:
-    """The policy's plan on each seeded mesh joins the seeds; its scores become the move prior."""
-    from tag_jax.policy.features import Context
+def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict,
+                      memory_limit: float | None = None) -> None:
+    """The policy's plans on the two most promising seeded meshes join the seeds: its argument
+    shardings (a decision vector, op options propagated) and its own op options (a seed for
+    op-option annealing only); its scores become the two annealers' move priors."""
+    from tag_jax.policy.features import context
 
-    anns = list({id(s[4]): s[4] for s in scored}.values())
+    # Only the meshes the annealing will work on (the two with the best baseline seeds, as
+    # `search` picks them): features and scores cost about four seeds per mesh.
+    anns = []
+    for s in sorted(scored, key=lambda s: s[0]):
+        if math.isfinite(s[0]) and all(s[4] is not a for a in anns) and len(anns) < 2:
+            anns.append(s[4])
+    anns = anns or [scored[0][4]]
     guides = policy.guide(graph, topology, [a.mesh for a in anns],
-                          [Context(a.groups, a.batch_sets) for a in anns])
+                          [context(graph, a.mesh, a.op_strategies) for a in anns])
     for ann, g in zip(anns, guides):
-        ann.prior = g.prior
+        ann.prior, ann.op_prior = g.prior, g.op_prior
         score, cost, strategy = ann.evaluate(g.decision)
         name = f"policy {_mesh_label(ann.mesh)}"
         seeds[name] = cost.step_time_s
         scored.append((score, name, cost, strategy, ann, g.decision))
+        strategy = g.strategy(graph, name="policy ops")
+        cost = ann.sim.cost(strategy)
+        name = f"policy ops {_mesh_label(ann.mesh)}"
+        seeds[name] = cost.step_time_s
+        scored.append((_score(cost, ann.memory_limit), name, cost, strategy, ann, None))
 
 
 def two_d_strategy(graph: OpGraph, op_strategies, mesh: MeshSpec, carried: dict) -> Strategy:
