@@ -21,7 +21,8 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
 
     `mesh`: a `jax.sharding.Mesh` (its axes and shape are kept; the planner chooses which device sits
     where unless `keep_device_order`), a list of devices, or None for all devices (the planner
-    chooses the mesh shape and names its axes `data` and `model`). `topology` defaults to
+    chooses the mesh shape and names its axes `data` and `model`; on mixed device kinds it may
+    leave the slower devices out, unless `keep_device_order`: `plan.mesh` says which it uses). `topology` defaults to
     `Topology.detect()`. `memory_limit` (bytes per device) defaults to the smallest device memory of
     the topology times `tag_jax.cost.USABLE_MEMORY`. `time_budget_s` bounds the search; tracing and
     building the plan add about 2 s for GPT-2 small. Plans are made once per input signature

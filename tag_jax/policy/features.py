@@ -66,23 +66,10 @@ class Context:
 
 
 def input_shardings(graph: OpGraph, groups, batch_sets, decision) -> tuple[tuple, tuple]:
-    """(storage, compute) sharding of every graph input under a decision vector (as the annealer)."""
-    from tag_jax.strategy import TensorSharding
+    """(storage, compute) sharding of every graph input under a decision vector (the annealer's)."""
+    from tag_jax.search.anneal import decision_shardings
 
-    batch_axes = batch_sets[decision[-1]]
-    storage, compute = {}, {}
-    for tid in graph.inputs:
-        t = graph.tensors[tid]
-        ts = TensorSharding.replicated(len(t.shape))
-        if t.role == Role.BATCH and t.shape and batch_axes:
-            ts = TensorSharding(((batch_axes,) + ((),) * (len(t.shape) - 1)))
-        storage[tid] = compute[tid] = ts
-    for group, k in zip(groups, decision):
-        opt = group.options[k]
-        for tid in group.tensors:
-            nd = len(graph.tensors[tid].shape)
-            storage[tid], compute[tid] = opt.storage(nd), opt.compute(nd)
-    return tuple(storage[t] for t in graph.inputs), tuple(compute[t] for t in graph.inputs)
+    return decision_shardings(graph, groups, batch_sets, decision)
 
 
 def propagated(graph: OpGraph, op_strategies, mesh, groups, batch_sets, decision,

@@ -133,6 +133,26 @@ def batch_options(graph: OpGraph, mesh: MeshSpec) -> tuple[tuple[str, ...], ...]
                  if all(t.shape and t.shape[0] % math.prod(axes[a] for a in s) == 0 for t in batch))
 
 
+def decision_shardings(graph: OpGraph, groups: Sequence[Group], batch_sets, decision
+                       ) -> tuple[tuple[TensorSharding, ...], tuple[TensorSharding, ...]]:
+    """(storage, compute) sharding of every graph input under a decision vector: one option per
+    argument group, then the batch's mesh axes (`batch_sets[decision[-1]]`)."""
+    batch_axes = batch_sets[decision[-1]]
+    storage, compute = {}, {}
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        ts = TensorSharding.replicated(len(t.shape))
+        if t.role == Role.BATCH and t.shape and batch_axes:
+            ts = TensorSharding(((batch_axes,) + ((),) * (len(t.shape) - 1)))
+        storage[tid] = compute[tid] = ts
+    for group, k in zip(groups, decision):
+        opt = group.options[k]
+        for tid in group.tensors:
+            nd = len(graph.tensors[tid].shape)
+            storage[tid], compute[tid] = opt.storage(nd), opt.compute(nd)
+    return tuple(storage[t] for t in graph.inputs), tuple(compute[t] for t in graph.inputs)
+
+
 class Annealer:
     """Evaluates decision vectors on one mesh; `run` anneals from a starting vector."""
 
@@ -154,23 +174,7 @@ class Annealer:
 
     def shardings(self, decision: tuple[int, ...]) -> tuple[tuple[TensorSharding, ...], tuple[TensorSharding, ...]]:
         """(storage, compute) sharding of every graph input under a decision vector."""
-        g = self.graph
-        batch_axes = self.batch_sets[decision[-1]]
-        storage = {}
-        compute = {}
-        for tid in g.inputs:
-            t = g.tensors[tid]
-            ts = TensorSharding.replicated(len(t.shape))
-            if t.role == Role.BATCH and t.shape and batch_axes:
-                ts = TensorSharding(((batch_axes,) + ((),) * (len(t.shape) - 1)))
-            storage[tid] = compute[tid] = ts
-        for group, k in zip(self.groups, decision):
-            opt = group.options[k]
-            for tid in group.tensors:
-                nd = len(g.tensors[tid].shape)
-                storage[tid] = opt.storage(nd)
-                compute[tid] = opt.compute(nd)
-        return tuple(storage[t] for t in g.inputs), tuple(compute[t] for t in g.inputs)
+        return decision_shardings(self.graph, self.groups, self.batch_sets, decision)
 
     def evaluate(self, decision: tuple[int, ...]) -> tuple[float, Any, Strategy]:
         """(score, cost, strategy); score is the step time, infinite when memory does not fit."""

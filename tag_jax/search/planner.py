@@ -95,8 +95,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     replicated_on: set[frozenset] = set()
     for k, mesh in enumerate(meshes):
         if scored and ilp_spent is None and (k >= ilp_at or all(len(m.shape) == 1 for m in meshes)):
-            ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
-                                  memory_limit, progress)
+            ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s, progress)
         spent = time.perf_counter() - t0
         wanted = k < ilp_at or k in fewer or (
             len(mesh.shape) == 2 and not any(n.startswith("megatron") for n in seeds))
@@ -141,8 +140,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
         if progress:
             _say(f"seeded {label}: best {min(s[0] for s in scored):.4g} s", t0)
     if ilp_spent is None:  # one mesh only
-        ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s,
-                              memory_limit, progress)
+        ilp_spent = _ilp_seed(graph, topology, scored, seeds, settled, t0, time_budget_s, progress)
     # what one seed cost (the rules, simulator and annealer of its mesh shared among its seeds):
     # the yardstick for whether argument annealing, one propagate and pricing a move, is affordable
     seed_seconds = (time.perf_counter() - t0 - ilp_spent) / max(len(scored), 1)
@@ -153,7 +151,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     spent = time.perf_counter() - t0
     if (policy is not None and time_budget_s >= 1.0 and spent < 0.9 * time_budget_s
             and spent + policy_s < time_budget_s):
-        _add_policy_seeds(policy, graph, topology, scored, seeds, memory_limit)
+        _add_policy_seeds(policy, graph, topology, scored, seeds)
         if progress:
             _say(f"policy seeds: best {min(s[0] for s in scored):.4g} s", t0)
     scored.sort(key=lambda s: s[0])
@@ -244,7 +242,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
 
 
 def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set, t0: float,
-              time_budget_s: float, memory_limit: float | None, progress: bool) -> float:
+              time_budget_s: float, progress: bool) -> float:
     """The ILP on the first mesh, once the first mesh and one 2-D mesh are seeded (before the
     other meshes and the policy): it returns as soon as it proves its plan optimal (most models in about a second),
     and where it does not, its plan is the one the annealer is least likely to reach
@@ -263,8 +261,7 @@ def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set,
     ilp_s = min(share * time_budget_s, 0.95 * time_budget_s - spent)
     info = None
     if share * time_budget_s >= 0.5 and ilp_s >= 0.5:
-        info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s,
-                             scored[0][4].memory_limit)
+        info = _add_ilp_seed(graph, topology, scored[0][4], scored, seeds, ilp_s)
     if info is not None and info["status"] == "optimal":
         settled.add(scored[-1][1])  # (for the ILP's objective, the no-overlap time it anneals)
     if progress and info is not None:
@@ -273,16 +270,17 @@ def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set,
 
 
 def _add_ilp_seed(graph: OpGraph, topology, ann: Annealer, scored: list, seeds: dict,
-                  time_limit_s: float, memory_limit: float | None) -> dict | None:
+                  time_limit_s: float) -> dict | None:
     """The Alpa-style ILP's plan (tag_jax.search.ilp) on `ann`'s mesh joins the seeds: over the
     same options it often beats the baselines by far (benchmarks/RESULTS.md), and annealing can
-    still improve it. Time-limited; reuses the annealer's simulator; no seed when nothing fits.
+    still improve it. Time-limited; reuses the annealer's simulator and memory limit; no seed when
+    nothing fits.
     Returns the ILP's info (None without a plan)."""
     from tag_jax.search.ilp import ilp_strategy
 
     try:
         strategy, info = ilp_strategy(graph, ann.op_strategies, topology, ann.mesh,
-                                      time_limit_s=time_limit_s, memory_limit=memory_limit,
+                                      time_limit_s=time_limit_s, memory_limit=ann.memory_limit,
                                       simulator=ann.sim, limit_includes_build=True)
     except PlanningError:
         return None
@@ -291,12 +289,11 @@ def _add_ilp_seed(graph: OpGraph, topology, ann: Annealer, scored: list, seeds: 
     cost = info["cost"]
     name = f"ilp {_mesh_label(ann.mesh)}"
     seeds[name] = cost.step_time_s
-    scored.append((_score(cost, memory_limit), name, cost, strategy, ann, None))
+    scored.append((_score(cost, ann.memory_limit), name, cost, strategy, ann, None))
     return info
 
 
-def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict,
-                      memory_limit: float | None = None) -> None:
+def _add_policy_seeds(policy, graph: OpGraph, topology, scored: list, seeds: dict) -> None:
     """The policy's plans on the two most promising seeded meshes join the seeds: its argument
     shardings (a decision vector, op options propagated) and its own op options (a seed for
     op-option annealing only); its scores become the two annealers' move priors."""
