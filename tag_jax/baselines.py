@@ -180,6 +180,13 @@ def _megatron_prefer(graph: OpGraph, mesh: MeshSpec, ins: Sequence[TensorShardin
                 penalty += float(sum(graph.tensors[t].nbytes for t in op.inputs + op.outputs))
         return -penalty
 
+    def key(op) -> tuple:
+        # what `prefer` reads of an op besides its option: its parameter operands' shardings (the
+        # objects, which `params` holds) and bytes, and the bytes it reads and writes
+        return (tuple((id(params.get(t)), graph.tensors[t].nbytes) for t in op.inputs),
+                sum(graph.tensors[t].nbytes for t in op.inputs + op.outputs))
+
+    prefer.key = key
     return prefer
 
 

@@ -244,16 +244,28 @@ class Simulator:
         in_base, out_base = np.zeros(n_ops, np.int64), np.zeros(n_ops, np.int64)
         splits = _Interner()
         row_split = []
+        in_idx, out_idx = [], []  # tensor of every operand of every (op, strategy) row
+        # The rules share one strategy list among ops alike (repeated layers): intern each once.
+        interned: dict[int, tuple[list, list, list]] = {}
         for i, op in enumerate(g.ops):
             in_base[i], out_base[i] = len(want), len(give)
-            for k, s in enumerate(strats[i]):
-                row_split.append(splits(s.split_axes))
-                if len(s.inputs) != len(op.inputs) or len(s.outputs) != len(op.outputs):
-                    raise ValueError(f"strategy {k} ({s.name!r}) of {op.where()} has {len(s.inputs)} "
-                                     f"inputs/{len(s.outputs)} outputs; the op has {len(op.inputs)}/"
-                                     f"{len(op.outputs)}")
-                want.extend(sh(x) for x in s.inputs)
-                give.extend(sh(x) for x in s.outputs)
+            ids = interned.get(id(strats[i]))
+            if ids is None:
+                w, gv, rs = [], [], []
+                for k, s in enumerate(strats[i]):
+                    rs.append(splits(s.split_axes))
+                    if len(s.inputs) != len(op.inputs) or len(s.outputs) != len(op.outputs):
+                        raise ValueError(f"strategy {k} ({s.name!r}) of {op.where()} has {len(s.inputs)} "
+                                         f"inputs/{len(s.outputs)} outputs; the op has {len(op.inputs)}/"
+                                         f"{len(op.outputs)}")
+                    w.extend(sh(x) for x in s.inputs)
+                    gv.extend(sh(x) for x in s.outputs)
+                ids = interned[id(strats[i])] = (w, gv, rs)
+            want.extend(ids[0])
+            give.extend(ids[1])
+            row_split.extend(ids[2])
+            in_idx.extend(list(op.inputs) * len(strats[i]))
+            out_idx.extend(list(op.outputs) * len(strats[i]))
             for p, t in enumerate(op.inputs):
                 e_t.append(t), e_op.append(i), e_pos.append(p)
             for p, t in enumerate(op.outputs):
@@ -277,20 +289,22 @@ class Simulator:
         o_t, o_op, o_pos = (np.array(x, np.int64) for x in (o_t, o_op, o_pos))
         # per op: 16-bit or not, FLOPs, bytes, and the bytes of its operands (for the roofline)
         is16 = np.zeros(n_ops, bool)
+        float_size = {}  # dtype -> itemsize of a floating dtype, 0 otherwise
+        for t in g.tensors:
+            if t.dtype not in float_size:
+                float_size[t.dtype] = t.dtype.itemsize if jnp.issubdtype(t.dtype, jnp.floating) else 0
+        t_float = np.array([float_size[t.dtype] for t in g.tensors], np.int64)
         for i, op in enumerate(g.ops):
-            floats = [g.tensors[t].dtype for t in op.inputs + op.outputs
-                      if jnp.issubdtype(g.tensors[t].dtype, jnp.floating)]
-            is16[i] = bool(floats) and max(d.itemsize for d in floats) <= 2
+            sizes = [int(x) for x in t_float[list(op.inputs + op.outputs)] if x]
+            is16[i] = bool(sizes) and max(sizes) <= 2
         fast_mm = np.array([_default_precision_matmul(op) for op in g.ops], bool)
         op_io = np.array([sum(g.tensors[t].nbytes for t in op.inputs + op.outputs) for op in g.ops],
                          np.float64)
         # (row, sharding id, tensor bytes) for every operand of every (op, strategy) row
         row_of_in = np.repeat(np.arange(len(nst) and int(nst.sum())), np.repeat(nin, nst))
         row_of_out = np.repeat(np.arange(len(nst) and int(nst.sum())), np.repeat(nout, nst))
-        in_nbytes = np.concatenate([np.tile(nbytes[list(op.inputs)], len(strats[i]))
-                                    for i, op in enumerate(g.ops)] or [np.zeros(0)])
-        out_nbytes = np.concatenate([np.tile(nbytes[list(op.outputs)], len(strats[i]))
-                                     for i, op in enumerate(g.ops)] or [np.zeros(0)])
+        in_nbytes = nbytes[np.array(in_idx, np.int64)]
+        out_nbytes = nbytes[np.array(out_idx, np.int64)]
         consumers_of: list[list[tuple[int, int]]] = [[] for _ in range(n_t)]
         for t, i, p in zip(e_t.tolist(), e_op.tolist(), e_pos.tolist()):
             consumers_of[t].append((i, p))

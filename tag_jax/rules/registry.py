@@ -144,8 +144,9 @@ def _freeze(v: Any) -> Any:
 
 def _key(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any],
          params: Mapping[str, Any], mesh_axes: Mapping[str, int]) -> Any:
-    shapes = tuple((_shape(a), str(getattr(a, "dtype", ""))) for a in in_avals) + \
-        tuple((_shape(a), str(getattr(a, "dtype", ""))) for a in out_avals)
+    # (dtype objects, not their names: str(dtype) is slow and this runs per op and mesh)
+    shapes = tuple((_shape(a), getattr(a, "dtype", None)) for a in in_avals) + \
+        tuple((_shape(a), getattr(a, "dtype", None)) for a in out_avals)
     if primitive in _PARAMS_IGNORED or primitive not in _RULES:
         p: Any = ()
     else:

@@ -46,7 +46,9 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
     """One option index per op: a greedy forward pass, then `refine` local-improvement sweeps.
 
     `input_shardings`: the sharding of each graph input (in `graph.inputs` order).
-    `prefer(op, option)`: a bonus in bytes, subtracted from the option's resharding bytes.
+    `prefer(op, option)`: a bonus in bytes, subtracted from the option's resharding bytes; when it
+    has an attribute `key(op) -> hashable`, ops with the same key and the same option list (the
+    same object) are given the same bonuses without asking again.
     `outputs`: wanted shardings of some graph results (tensor id -> sharding), e.g. the updated
     state should come out as the state went in; an op producing one pays the resharding to it.
     `refine`: sweeps (backward, then forward, ...) that re-choose each op given both its producers
@@ -80,7 +82,8 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
     producer_of = [t.producer for t in graph.tensors]
     factors: dict[tuple[int, int], float] = {}  # by object identity: the options are shared objects
     par: dict[int, tuple[int, int]] = {}
-    bonus: dict[tuple[int, int], float] = {}  # prefer(op, option), asked once per pair
+    bonus: dict[int, tuple[float, ...]] = {}  # prefer(op, option) per op, asked once
+    answers: dict[tuple, list[tuple]] = {}  # keys() by what they depend on
 
     def factor(src: TensorSharding, dst: TensorSharding) -> float:
         k = (id(src), id(dst))
@@ -98,9 +101,25 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
         k = choice[p]
         return None if k is None else op_strategies[p][k].outputs[out_pos[tid]]
 
+    prefer_key = getattr(prefer, "key", None)
+    alike: dict[tuple, tuple[float, ...]] = {}  # bonuses of ops that `prefer.key` says are alike
+
+    def bonuses(op: Op) -> tuple[float, ...]:
+        b = bonus.get(op.id)
+        if b is None:
+            k = None if prefer_key is None else (id(op_strategies[op.id]), prefer_key(op))
+            b = None if k is None else alike.get(k)
+            if b is None:
+                b = tuple(float(prefer(op, s)) for s in op_strategies[op.id])
+                if k is not None:
+                    alike[k] = b
+            bonus[op.id] = b
+        return b
+
     def keys(op: Op, look_ahead: bool) -> list[tuple]:
         """The sort key of each of the op's options: (bytes to reshard around it, less parallel
-        work, fewer split axes, index). What its neighbours have is read once for all options."""
+        work, fewer split axes, index). What its neighbours have is read once for all options;
+        the answer is remembered by what it depends on (repeated layers ask the same question)."""
         have = [(made(tid), nbytes_of[tid]) for tid in op.inputs]
         around = []  # per output: (bytes, wanted graph-result sharding, what its consumers want)
         for tid in op.outputs:
@@ -111,8 +130,16 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
                     if c is not None:
                         consumers.append(op_strategies[j][c].inputs[pos])
             around.append((nbytes_of[tid], wanted_out.get(tid), consumers))
+        options = op_strategies[op.id]
+        b = bonuses(op) if prefer is not None else None
+        # (the shardings are shared objects that live as long as `op_strategies`: ids are stable)
+        sig = (id(options), tuple((id(src), n) for src, n in have),
+               tuple((n, id(w), tuple(map(id, cs))) for n, w, cs in around), b)
+        out = answers.get(sig)
+        if out is not None:
+            return out
         out = []
-        for k, s in enumerate(op_strategies[op.id]):
+        for k, s in enumerate(options):
             cost = 0.0
             for (src, nbytes), want in zip(have, s.inputs):
                 if src is not None and src is not want:
@@ -125,15 +152,13 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
                     if want is not got:
                         f = known((id(got), id(want)))
                         cost += (factor(got, want) if f is None else f) * nbytes
-            if prefer is not None:
-                b = bonus.get((op.id, k))
-                if b is None:
-                    b = bonus[(op.id, k)] = float(prefer(op, s))
-                cost -= b
+            if b is not None:
+                cost -= b[k]
             p = par.get(id(s))
             if p is None:
                 p = par[id(s)] = (parallelism(s, axes), len(s.split_axes))
             out.append((round(cost, 3), -p[0], -p[1], k))
+        answers[sig] = out
         return out
 
     for op in graph.ops:
