@@ -20,7 +20,10 @@ dynamic-slice counts as a reduce-scatter), and predicted per-device peak memory 
 seeded by model and index; even indices on the 1-D mesh, odd ones on the (data, model) 2x4 mesh), in
 `--random-models` (default: the `--models` list; `model:size:K` takes K for that model). `--cache FILE` keeps what XLA compiled per (model,
 strategy, constrain), so re-running after a simulator change only re-predicts; `--plans-dir DIR`
-saves auto_shard's plans (whose search is bounded by the clock) and re-prices them when re-run.
+saves auto_shard's plans (whose search is bounded by the clock) and re-prices them when re-run;
+`--baseline-plans-dir DIR` does the same for the baselines, so that a cache compiled for one
+version's baseline strategies is re-priced with those strategies after the baselines change how they
+pick op options (a baseline whose strategy is not in the cache would be compiled again).
 """
 from __future__ import annotations
 
@@ -144,6 +147,8 @@ def main() -> None:
     ap.add_argument("--hlo-dir", default=None, help="write each compiled HLO text here")
     ap.add_argument("--plans-dir", default=None,
                     help="save tag_jax's plans here; a plan saved there is reused (re-priced)")
+    ap.add_argument("--baseline-plans-dir", default=None,
+                    help="save the baselines' plans here; a plan saved there is reused (re-priced)")
     ap.add_argument("--constrain", default="operands", choices=("operands", "results"))
     args = ap.parse_args()
     topo = tag_jax.Topology.preset(args.topology)
@@ -189,7 +194,14 @@ def main() -> None:
                     if saved:
                         planner = _Saving(planner, saved)
                 else:
+                    saved = (os.path.join(args.baseline_plans_dir, f"{name}-{size}-{plan_name}.json")
+                             if args.baseline_plans_dir else None)
+                    if saved and os.path.exists(saved):  # the strategy compiled before, priced afresh
+                        todo.append((plan_name, None, lambda saved=saved: _reload(saved, ex, topo)))
+                        continue
                     planner = getattr(baselines, plan_name)(ex.step, mesh, topology=topo)
+                    if saved:
+                        planner = _Saving(planner, saved)
                 todo.append((plan_name, None, lambda planner=planner: planner.plan(ex.state, ex.batch)))
         if case in random_models:
             graph = tag_jax.trace(ex.step, ex.state, ex.batch)
@@ -253,6 +265,8 @@ def main() -> None:
                f"--budget {args.budget} --constrain {args.constrain}")
         if args.plans_dir:
             cmd += f" --plans-dir {args.plans_dir}"
+        if args.baseline_plans_dir:
+            cmd += f" --baseline-plans-dir {args.baseline_plans_dir}"
         if args.cache:
             cmd += f" --cache {args.cache}"
         if args.random:

@@ -55,7 +55,11 @@ Lowering (`Simulator(..., lowering="xla-cpu")`, default `LOWERING`, `set_lowerin
 scratch buffers, live while their op runs (transposed copies for convolutions whose operands are
 not NHWC/HWIO, max-pool backward's index buffers; `Simulator._cpu_temps`). Reshards of arguments
 feeding lookups (gather ops) are issued together before the first of those lookups (XLA:CPU's
-schedule of the recommender's table all-gathers), so their copies are live at once.
+schedule of the recommender's table all-gathers), so their copies are live at once. A reduction
+fuses at most one multiply/maximum of materialised values (YNNPACK fusions): any other elementwise
+value it reads is materialised, e.g. batch norm's ``x - mean`` from the forward to the backward's
+``reduce_sum(dy * (x - mean))``, while still recomputed inside its other users' fusions (`_fused`).
+`Simulator.live_at(strategy)` lists what the memory model holds at its peak (or at any op).
 
 `Simulator` precomputes per-graph arrays once (`with_mesh` reuses them for another mesh, and the
 compute table too when only the device order changes); `cost(strategy)` is vectorised with numpy
@@ -1004,6 +1008,16 @@ class Simulator:
         return max(end, free)
 
     def _peak(self, tsh, first, lastc, rbytes, ut=None, c=None) -> float:
+        always, start, stop, w, _ = self._intervals(tsh, first, lastc, rbytes, ut, c)
+        n = self._sh["n_ops"]
+        diff = np.bincount(start, w, minlength=n + 2) - np.bincount(stop, w, minlength=n + 2)
+        live = np.cumsum(diff)[:n + 1]
+        return always + (float(live.max()) if live.size else 0.0)
+
+    def _intervals(self, tsh, first, lastc, rbytes, ut=None, c=None, ud=None, labels=False):
+        """(always, start, stop, bytes, what) of every buffer that is not live for the whole step:
+        live over op positions [start, stop). `what` labels each: ("result", tensor), ("reshard",
+        tensor, target sharding id) or ("cpu", op) (see `live_at`); None unless `labels`."""
         sh = self._sh
         n = sh["n_ops"]
         local = sh["nbytes"] / self._shards[tsh]
@@ -1016,8 +1030,32 @@ class Simulator:
         # as its op made it is an ordinary temporary (producer to the end), e.g. a ZeRO-style
         # sharded update gathered back into replicated parameters (vit-b16 data parallel: 1.0 GB of
         # replicated params + Adam state in the output allocation, not 0.13 GB of shards)
+        o_fused, last, gone = sh["o_fused"], sh["last"], None
+        if self.lowering == "xla-cpu":
+            o_fused, last, kpos, kt, kc, kp, lpos, upos = self._cpu_fusion()
+            if kt.size and c is not None:
+                # a value materialised only for consumers that take it as a local slice is made in
+                # their layout (resnet-50 Megatron: batch norm's x - mean fused into the slice to
+                # the backward's channel split, `subtract_dynamic-slice_fusion`): no buffer of its
+                # own. A collective cannot fuse its operand: then the value is a buffer as made.
+                wanted = sh["want"][sh["in_base"][kc] + c[kc] * sh["nin"][kc] + kp]
+                same = wanted == tsh[kt]
+                for k in np.flatnonzero(~same).tolist():
+                    same[k] = bool(self.price(int(kt[k]), int(tsh[kt[k]]), int(wanted[k]))[1])
+                own = np.zeros(len(ot), bool)
+                own[kpos[same]] = True
+                gone = np.zeros(len(ot), bool)
+                gone[kpos] = True
+                gone &= ~own
+                if gone.any():
+                    o_fused = o_fused | gone
+                else:
+                    gone = None
         o_start = np.where(sh["o_is_out"], 0, sh["producer"][ot])
-        o_stop = np.maximum(sh["last"][ot], sh["producer"][ot])
+        o_stop = np.maximum(last[ot], sh["producer"][ot])
+        if gone is not None:  # recomputed at its consumers: what it is made from lives until then
+            m = gone[lpos]
+            np.maximum.at(o_stop, upos[m], o_stop[lpos[m]])
         r_start = first
         if ut is not None and len(ut):
             end = first == n
@@ -1040,7 +1078,11 @@ class Simulator:
                 r_start = np.where(arg, first[arg].min(), r_start)
         start = np.concatenate([o_start, r_start])
         stop = np.concatenate([o_stop, lastc]) + 1
-        w = np.concatenate([np.where(sh["o_fused"], 0.0, local[ot]), rbytes])
+        w = np.concatenate([np.where(o_fused, 0.0, local[ot]), rbytes])
+        what = [("result", t) for t in ot.tolist()] if labels else None
+        if labels and ut is not None:
+            what += [("reshard", t, d) for t, d in zip(ut.tolist(), (ud if ud is not None else
+                                                                    np.full(len(ut), -1)).tolist())]
         if self.lowering == "xla-cpu" and c is not None:
             ops, per_row = self._cpu_temps()
             if ops.size:  # live while their op runs
@@ -1048,9 +1090,79 @@ class Simulator:
                 start = np.concatenate([start, ops])
                 stop = np.concatenate([stop, ops + 1])
                 w = np.concatenate([w, tb])
+                if labels:
+                    what += [("cpu", i) for i in ops.tolist()]
+        return always, start, stop, w, what
+
+    def live_at(self, strategy: Strategy, at: int | None = None) -> dict:
+        """Debugging aid: what the memory model has live at op position `at` (default: its peak).
+        Returns {"at", "peak", "always" (inputs and constants), "live": [(bytes, what, start,
+        stop)] largest first}, `what` as in `_intervals` (results count from 0 when they sit in
+        the output allocation)."""
+        sh = self._sh
+        c, tsh = self._shardings(strategy)
+        jt, js, jd, jc = self._jobs(c, tsh)
+        key = jt * (len(sh["sh"].items) + 1) + jd
+        order = np.lexsort((jc, key))
+        key_s, jc_s = key[order], jc[order]
+        if key_s.size:
+            starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
+            ends = np.r_[starts[1:], key_s.size].astype(np.int64)
+        else:
+            starts = ends = np.zeros(0, np.int64)
+        u = order[starts]
+        ut, us, ud = jt[u], js[u], jd[u]
+        first, lastc = jc_s[starts], jc_s[ends - 1]
+        slots = self._lookup(ut, us, ud) if len(u) else np.zeros(0, np.int64)
+        rbytes = self._p_rbytes[slots]
+        always, start, stop, w, what = self._intervals(tsh, first, lastc, rbytes, ut, c, ud,
+                                                        labels=True)
+        n = sh["n_ops"]
         diff = np.bincount(start, w, minlength=n + 2) - np.bincount(stop, w, minlength=n + 2)
         live = np.cumsum(diff)[:n + 1]
-        return always + (float(live.max()) if live.size else 0.0)
+        if at is None:
+            at = int(live.argmax()) if live.size else 0
+        on = np.flatnonzero((start <= at) & (at < stop) & (w > 0))
+        rows = sorted(((float(w[k]), what[k], int(start[k]), int(stop[k])) for k in on.tolist()),
+                      key=lambda r: -r[0])
+        return {"at": at, "peak": always + float(live[at]), "always": always, "live": rows}
+
+    def _cpu_fusion(self) -> tuple:
+        """Under XLA:CPU's fusion of reductions (`_fused` with `lowering="xla-cpu"`), once per
+        graph: (per op result: fused away, per tensor: last use, and for every consumer that reads
+        a value materialised for reductions: the value's position among op results, the value,
+        the consumer op, the operand position)."""
+        sh = self._sh
+        got = sh.get("cpu_fusion")
+        if got is None:
+            g = self.graph
+            out_set = set(g.outputs)
+            last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
+                             for t in g.tensors], np.int64)
+            for t in out_set:
+                last[t] = sh["n_ops"]
+            kept: list = []
+            fused = _fused(g, last, out_set, lowering="xla-cpu", kept=kept)
+            kt, kc, kp = (np.array(x, np.int64).reshape(-1) for x in zip(*kept)) if kept else (
+                np.zeros(0, np.int64),) * 3
+            # the buffers such a value is computed from (through values fused away), which must
+            # live until its last consumer when it is recomputed there instead (see `_intervals`)
+            lt, lu = [], []
+            for t in sorted(set(kt.tolist())):
+                todo, seen = list(g.ops[g.tensors[t].producer].inputs), set()
+                while todo:
+                    u = todo.pop()
+                    if u in seen:
+                        continue
+                    seen.add(u)
+                    if fused[u]:
+                        todo.extend(g.ops[g.tensors[u].producer].inputs)
+                    elif sh["o_pos_of"][u] >= 0:
+                        lt.append(t), lu.append(u)
+            lt, lu = np.array(lt, np.int64), np.array(lu, np.int64)
+            got = sh["cpu_fusion"] = (fused[sh["o_t"]], last, sh["o_pos_of"][kt], kt, kc, kp,
+                                      sh["o_pos_of"][lt], sh["o_pos_of"][lu])
+        return got
 
     def _cpu_temps(self) -> tuple[np.ndarray, np.ndarray]:
         """(ops, per (op, option) row: bytes) of the scratch buffers XLA:CPU's lowering of an op
@@ -1131,7 +1243,63 @@ _EXPENSIVE = frozenset({"exp", "exp2", "expm1", "log", "log1p", "div", "rem", "p
                         "threefry2x32", "nextafter", "igamma_grad_a"})
 
 
-def _fused(g: OpGraph, last: np.ndarray, out_set: set) -> np.ndarray:
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"})
+_SHAPE_ONLY = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims"})
+# XLA:CPU (`lowering="xla-cpu"`): a reduction is one YNNPACK fusion whose operand may be computed
+# inside it by at most one multiply/maximum of materialised values (broadcasts and reshapes of
+# them fuse too); `neg` is moved past the reduction by the algebraic simplifier. Anything else
+# feeding a reduction (a subtract, select, add, exp...) is materialised (see `_fused`).
+_CPU_REDUCE_PROLOGUE = frozenset({"mul", "max", "square"})
+_CPU_REDUCE_TRANSPARENT = frozenset({"neg", "convert_element_type"}) | _SHAPE_ONLY
+_LOOP, _REDUCE_IN, _PROLOGUE = 0, 1, 2  # where a fused value sits in the fusion that absorbs it
+
+
+def _true_rank(shape) -> int:
+    return sum(1 for d in shape if d > 1)
+
+
+def _effectively_unary(g: OpGraph, op) -> bool:
+    """XLA's `InstructionFusion::EffectivelyAtMostUnary`: at most one operand as large as the result
+    (of at least its true rank, dims of size 1 not counted); broadcasts, iotas and scalars do not
+    count. Only such a producer is duplicated into some consumers while others read it as a buffer;
+    any other producer that cannot fuse into all its consumers is fused into none of them."""
+    rank = _true_rank(g.tensors[op.outputs[0]].shape)
+    big = 0
+    for u in op.inputs:
+        p = g.tensors[u].producer
+        if p is not None and g.ops[p].primitive in ("broadcast_in_dim", "iota"):
+            continue
+        big += _true_rank(g.tensors[u].shape) >= rank and rank > 0
+    return big <= 1
+
+
+def _erfc_exps(g: OpGraph) -> set:
+    """Results of ``exp(neg(square(x)))`` for an x that also feeds an ``erfc`` (the derivative of
+    erfc, e.g. in exact GELU's backward). XLA expands an f32 erfc into a formula that computes
+    exp(-x*x) itself, and CSE merges the two: one exp with users in the forward (erfc) and the
+    backward, expensive, so never duplicated: a buffer from the erfc to its last use (vit-b16
+    Megatron: `negate_exponential_fusion`, op_name `erfc`, f32[32,197,768] per layer)."""
+    erfc_in = {op.inputs[0] for op in g.ops if op.primitive == "erfc" and op.inputs}
+    out = set()
+    for op in g.ops:
+        if op.primitive != "exp" or len(op.outputs) != 1:
+            continue
+        p = g.tensors[op.inputs[0]].producer
+        if p is None or g.ops[p].primitive != "neg":
+            continue
+        q = g.tensors[g.ops[p].inputs[0]].producer
+        if q is None:
+            continue
+        sq = g.ops[q]
+        x = (sq.inputs[0] if sq.primitive == "square" else sq.inputs[0]
+             if sq.primitive == "mul" and len(set(sq.inputs)) == 1 else None)
+        if x is not None and x in erfc_in:
+            out.add(op.outputs[0])
+    return out
+
+
+def _fused(g: OpGraph, last: np.ndarray, out_set: set, lowering: str | None = None,
+           kept: list | None = None) -> np.ndarray:
     """Which op results XLA never materialises (it fuses their producer into every consumer), as a
     tensor mask; `last` (last use per tensor) is extended in place for the producers' operands,
     which must then live until the fused consumers run.
@@ -1142,8 +1310,33 @@ def _fused(g: OpGraph, last: np.ndarray, out_set: set) -> np.ndarray:
     broadcast feeding in-place updates (scatter-add, dynamic_update_slice) is their output buffer.
     Graph results are always materialised. Without this an elementwise chain over (batch, seq,
     vocab) logits counts one logits-sized buffer per op, and gpt2's peak is over-predicted by ~25%.
+
+    With `lowering="xla-cpu"`, XLA:CPU's reductions (YNNPACK fusions) take less: the reduced value
+    may be one multiply/maximum (`_CPU_REDUCE_PROLOGUE`) of materialised operands, which only
+    broadcasts/reshapes can fuse into; any other elementwise op feeding a reduction, directly or
+    into that multiply, is materialised. Read from the resnet-50 FSDP buffer assignment: batch
+    norm's ``x - mean`` (``sub``), used by the forward normalisation and by the backward's
+    ``reduce_sum(dy * (x - mean))``, is a fusion of its own (``broadcast_subtract_fusion``) made
+    in the forward and live until the backward (53 of them, 336 MB at XLA's peak), where the
+    default rule fuses it away and keeps only the convolution output. Every reduction prologue
+    in the compiled resnet/gpt2/vit/moe/t5 programs is nothing, a multiply, or a dot. What its
+    other consumers do follows XLA's duplication test (`_effectively_unary`): a value with at most
+    one large operand (``x - mean``: the mean is broadcast) is still recomputed inside the fusions
+    of its other consumers (the resnet ``x - mean`` is both a buffer and recomputed in the ReLU's
+    fusion), so its operands live as long as those, and the buffer until its last reduction; a
+    value with two large operands (a residual sum ``x + f(x)`` that LayerNorm's mean reduces) is
+    fused into none: every consumer reads the one buffer, which lives until the last of them
+    (vit-b16 Megatron: `add_add_fusion` per residual, read by the backward's LayerNorm fusions,
+    not recomputed there). An ``exp(-x²)`` beside an ``erfc(x)`` is a buffer (`_erfc_exps`).
+    `kept`, if given, gets (tensor, consumer op, operand position) of every consumer that reads
+    such a buffer.
     """
     fused = np.zeros(len(g.tensors), bool)
+    cpu = lowering == "xla-cpu"
+    slot = np.zeros(len(g.tensors), np.int8)  # for fused tensors (xla-cpu): _LOOP/_REDUCE_IN/_PROLOGUE
+    # (xla-cpu) how long a value is needed where later fusions recompute a consumer of it from it
+    ext = np.full(len(g.tensors), -1, np.int64)
+    shared_exp = _erfc_exps(g) if cpu else set()
     for op in reversed(g.ops):
         if op.primitive not in _FUSE_FROM or len(op.outputs) != 1 or op.subgraphs:
             continue
@@ -1151,7 +1344,44 @@ def _fused(g: OpGraph, last: np.ndarray, out_set: set) -> np.ndarray:
         cons = set(g.tensors[t].consumers)
         into = _FUSE_INTO | _IN_PLACE if op.primitive == "broadcast_in_dim" else _FUSE_INTO
         if (t in out_set or not cons or any(g.ops[c].primitive not in into for c in cons)
-                or (len(cons) > 1 and op.primitive in _EXPENSIVE)):
+                or (len(cons) > 1 and op.primitive in _EXPENSIVE) or t in shared_exp):
+            continue
+        if cpu:
+            mine, absorbed, keep, reads = _LOOP, -1, -1, []
+            for c in cons:
+                out_c = g.ops[c].outputs[0] if len(g.ops[c].outputs) == 1 else None
+                end = int(last[out_c]) if out_c is not None and fused[out_c] else c
+                if g.ops[c].primitive in _REDUCTIONS:
+                    at = _REDUCE_IN
+                else:
+                    at = int(slot[out_c]) if out_c is not None and fused[out_c] else _LOOP
+                if at == _REDUCE_IN and op.primitive in _CPU_REDUCE_PROLOGUE:
+                    at = _PROLOGUE
+                elif ((at == _REDUCE_IN and op.primitive not in _CPU_REDUCE_TRANSPARENT)
+                      or (at == _PROLOGUE and op.primitive not in _SHAPE_ONLY)):
+                    keep = max(keep, end)  # this consumer reads a materialised copy
+                    reads.append(c)
+                    continue
+                absorbed = max(absorbed, end)
+                mine = max(mine, at)
+            if keep >= 0 and absorbed >= 0 and not _effectively_unary(g, op):
+                # not duplicated: every consumer reads the buffer, which lives until the last
+                last[t] = max(keep, absorbed, int(ext[t]))
+                reads = sorted(cons)
+            if kept is not None:
+                kept.extend((t, c, p) for c in reads for p, u in enumerate(g.ops[c].inputs)
+                            if u == t)
+            if absorbed < 0 or len(reads) == len(cons):
+                continue
+            if keep >= 0:  # materialised for the reductions, recomputed inside the other fusions
+                last[t] = max(keep, int(ext[t]))
+            else:
+                slot[t] = mine
+                fused[t] = True
+                absorbed = max(absorbed, int(ext[t]))  # recomputed where its consumers are
+            for u in op.inputs:
+                last[u] = max(last[u], absorbed)
+                ext[u] = max(ext[u], absorbed)
             continue
         fused[t] = True
         for u in op.inputs:
