@@ -72,7 +72,8 @@ def megatron_time(graph, topo, ids, memory_limit: float) -> float:
         return math.nan
     ops = rules.for_graph(graph, mesh.axes)
     sim = Simulator(graph, ops, topo, mesh, carried=carried_outputs(graph))
-    return sim.cost(baseline_strategy("megatron", graph, ops, mesh)).step_time_s
+    return sim.cost(baseline_strategy("megatron", graph, ops, mesh, simulator=sim,
+                                      memory_limit=memory_limit)).step_time_s
 
 
 def main() -> None:

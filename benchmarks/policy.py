@@ -75,7 +75,8 @@ def search_curve(graph, problems, limit: float, evals: int, guide=None, seed: in
         add(score, k, strategy)
     for k, (ann, seeds) in enumerate(problems):
         kinds = ("megatron",) if len(ann.mesh.shape) == 2 else ("data_parallel", "fsdp")
-        plans = [baseline_strategy(kind, graph, ann.op_strategies, ann.mesh) for kind in kinds]
+        plans = [baseline_strategy(kind, graph, ann.op_strategies, ann.mesh, simulator=ann.sim,
+                                   memory_limit=limit) for kind in kinds]
         if k == 0:
             plans.append(replicated_strategy(graph, ann.mesh))
         for plan in plans:

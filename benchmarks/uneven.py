@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/uneven.py [--budget 5] [--topologies tag-hetero,4xa100-4xv100]
                                    [--models gpt2:small,...] [--out benchmarks/UNEVEN.md]
+                                   [--results benchmarks/RESULTS.md] [--ceiling-only]
 
 For each (model, topology): the planner's best single-SPMD plan (`tag_jax.search.planner.search`,
 `--budget` seconds) and the best uneven plan (`tag_jax.uneven.plan_uneven`: device groups by kind
@@ -9,6 +10,14 @@ and node, shares from the MILP, the layout and kind of group program, priced exa
 become `UnevenStep`s through their Task (loss over {"params", other collections}, AdamW); models
 with BatchNorm (resnet, vgg if any) or capacity-based routing (moe) compute their statistics per
 group when split, so their split step is not the same function: priced, not claimed exact.
+
+`--results`: the ratios are also given against the best single-SPMD plan known for the case, the
+fastest of this run's, RESULTS.md's tag_jax plan and RESULTS.md's ILP plan (the same simulator:
+a run whose planner is slowed by load may miss a plan its search finds otherwise).
+The compute ceiling (`ceiling`): per model and topology, the simulator's per-device compute of the
+gradient step at the even local batch on each device kind, and the ideal speed-up of using every
+device over only those of the fastest kind with zero communication (sum of throughputs / the
+fastest kind's): the upper bound on what uneven work can gain over a plan on the fastest devices.
 """
 from __future__ import annotations
 
@@ -53,16 +62,96 @@ def zoo_step(name: str, ex) -> uneven.UnevenStep:
                              name=f"{name}_{ex.size}")
 
 
+def read_results(path: str) -> dict[tuple[str, str], float]:
+    """{(model, topology): fastest single-SPMD step time} from a RESULTS.md table (tag_jax, ILP)."""
+    out: dict[tuple[str, str], float] = {}
+    try:
+        text = open(path).read()
+    except OSError:
+        return out
+    header = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:3] == ["model", "topology", "tag_jax s"]:
+            header = cells
+            continue
+        if header is None or len(cells) != len(header) or cells[0].startswith("---"):
+            continue
+        row = dict(zip(header, cells))
+        times = []
+        for col in ("tag_jax s", "ILP s"):
+            try:
+                v = float(row.get(col, "nan"))
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                times.append(v)
+        if times:
+            out[(row["model"], row["topology"])] = min(times)
+    return out
+
+
+def ceiling(step: uneven.UnevenStep, ex, topo) -> tuple[dict[str, float], float, float]:
+    """({kind: compute s per example on one device}, ideal speed-up of all devices over the
+    fastest kind's, and over all devices at an even split (the slowest device's pace)), with zero
+    communication, at the even local batch."""
+    pricer = uneven.Pricer(step, ex.state, ex.batch, topo)
+    b = max(1, pricer.n // topo.num_devices)
+    per_kind: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for i in topo.ids:
+        k = topo.device(i).kind
+        if k not in per_kind:
+            per_kind[k] = pricer.probe(b, i).time_s / b
+        count[k] = count.get(k, 0) + 1
+    fastest = min(per_kind, key=per_kind.get)
+    total = sum(count[k] / per_kind[k] for k in per_kind)
+    slowest = max(per_kind.values())
+    return per_kind, total / (count[fastest] / per_kind[fastest]), total / (sum(count.values()) / slowest)
+
+
+def geomean(v) -> float:
+    return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=5.0, help="single-SPMD search budget per case, s")
     ap.add_argument("--topologies", default=TOPOLOGIES)
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--results", default="benchmarks/RESULTS.md",
+                    help="RESULTS.md whose single-SPMD plans (tag_jax, ILP) the ratios also take")
+    ap.add_argument("--ceiling-only", action="store_true", help="only the compute-ceiling table")
     args = ap.parse_args()
+    known = read_results(args.results) if args.results else {}
+    ceil_lines = ["| model | topology | compute s/example per device kind | ideal speed-up over the fastest kind alone | "
+                  "ideal speed-up over an even split on all devices |", "|---|---|---|---|---|"]
+    ceilings: dict[str, list[float]] = {}
+    evens: dict[str, list[float]] = {}
+    for case in args.models.split(","):
+        name, size = case.split(":")
+        ex = models.get(name, size)
+        step = zoo_step(name, ex)
+        for topo_name in args.topologies.split(","):
+            per_kind, ideal, even = ceiling(step, ex, tag_jax.Topology.preset(topo_name))
+            kinds = ", ".join(f"{k} {v:.3g}" for k, v in per_kind.items())
+            ceil_lines.append(f"| {name}-{size} | {topo_name} | {kinds} | {ideal:.3f}x | {even:.3f}x |")
+            ceilings.setdefault(topo_name, []).append(ideal)
+            evens.setdefault(topo_name, []).append(even)
+            print(ceil_lines[-1], flush=True)
+    ceil_summary = [f"- {k}: geometric mean {geomean(v):.3f}x over the fastest kind alone, {geomean(evens[k]):.3f}x "
+                    f"over an even split, {len(v)} models" for k, v in ceilings.items()]
+    print("\n".join(ceil_summary), flush=True)
+    if args.ceiling_only:
+        return
     header = ("| model | topology | single SPMD s | SPMD plan | uneven s | ratio | groups: share (per device) | "
-              "group time s | idle s | layout | combine s | apply s | chosen | uneven plan s |")
-    lines = [header, "|" + "---|" * 14]
+              "group time s | idle s | layout | combine s | apply s | chosen | uneven plan s | "
+              "best single SPMD s | ratio vs best |")
+    lines = [header, "|" + "---|" * 16]
+    best_ratios: dict[str, list[float]] = {}
     print(header, flush=True)
     ratios: dict[str, list[float]] = {}
     for case in args.models.split(","):
@@ -78,33 +167,48 @@ def main() -> None:
             spmd_s = choice.spmd.cost.step_time_s
             p = choice.uneven
             t1 = time.perf_counter() - t0
+            best_s = min(spmd_s, known.get((f"{name}-{size}", topo_name), math.inf))
             if p is None:
                 row = (f"| {name}-{size} | {topo_name} | {spmd_s:.4f} | {choice.spmd.strategy.name} | - | "
-                       f"- | {choice.why} | | | | | | spmd | {t1:.1f} |")
-                ratio = 1.0
+                       f"- | {choice.why} | | | | | | spmd | {t1:.1f} | {best_s:.4f} | - |")
+                ratio, best_ratio = 1.0, 0.0
             else:
                 ratio = spmd_s / p.step_time_s
+                best_ratio = best_s / p.step_time_s
                 shares = "; ".join(f"{g.group.name}: {g.share} ({g.local_batch})" for g in p.groups)
                 if p.left_out:
                     shares += "; left out: " + ", ".join(g.name for g in p.left_out)
                 times = ", ".join(f"{g.time_s:.4f}" for g in p.groups)
                 idle = ", ".join(f"{g.idle_s:.4f}" for g in p.groups)
+                mode = (f"one m={p.microbatch} x({','.join(map(str, p.counts))})" if p.group_program == "one"
+                        else f"L={p.local} {p.group_program}")
                 row = (f"| {name}-{size} | {topo_name} | {spmd_s:.4f} | {choice.spmd.strategy.name} | "
-                       f"{p.step_time_s:.4f} | {ratio:.2f}x | {shares} | {times} | {idle} | L={p.local} {p.group_program} | "
-                       f"{p.combine_s:.4f} | {p.apply_s:.4f} | {choice.kind} | {t1:.1f} |")
+                       f"{p.step_time_s:.4f} | {ratio:.2f}x | {shares} | {times} | {idle} | {mode} | "
+                       f"{p.combine_s:.4f} | {p.apply_s:.4f} | {choice.kind} | {t1:.1f} | {best_s:.4f} | "
+                       f"{best_ratio:.2f}x |")
             # the chosen plan is never slower than single SPMD (auto_shard picks the faster)
             ratios.setdefault(topo_name, []).append(max(1.0, ratio))
             ratios.setdefault(topo_name + " (uneven alone)", []).append(ratio)
+            best_ratios.setdefault(topo_name, []).append(max(1.0, best_ratio))
+            best_ratios.setdefault(topo_name + " (uneven alone)", []).append(best_ratio)
             lines.append(row)
             print(row, flush=True)
     summary = ["", "Geometric mean of single-SPMD / chosen step time (chosen = the faster of the two), "
                "and of single-SPMD / best uneven alone:"]
     for k, v in ratios.items():
-        summary.append(f"- {k}: {math.exp(sum(map(math.log, v)) / len(v)):.3f}x over {len(v)} models")
+        summary.append(f"- {k}: {geomean(v):.3f}x over {len(v)} models")
+    summary += ["", "The same against the best single-SPMD plan known (this run's, or RESULTS.md's tag_jax or "
+                "ILP plan, whichever is fastest; column 'best single SPMD s'); a model with no uneven plan "
+                "counts 1.0x for the chosen plan and is left out of 'uneven alone':"]
+    for k, v in best_ratios.items():
+        v = [x for x in v if x > 0]
+        summary.append(f"- {k}: {geomean(v):.3f}x over {len(v)} models")
+    summary += ["", "Compute ceiling (zero communication; `ceiling` in benchmarks/uneven.py):", ""]
+    summary += ceil_lines + [""] + ceil_summary
     print("\n".join(summary))
     if args.out:
         cmd = (f"python benchmarks/uneven.py --budget {args.budget} --topologies {args.topologies} "
-               f"--models {args.models} --out {args.out}")
+               f"--models {args.models} --results {args.results} --out {args.out}")
         with open(args.out, "w") as f:
             f.write("# Uneven plans vs single SPMD: predicted step time (simulator)\n\n")
             f.write(f"Command: `{cmd}` (8 devices of each preset; 2-core machine; nothing compiled)\n\n")
@@ -119,7 +223,11 @@ def main() -> None:
                     "reduced in the combine; `spmd` = each group one data-parallel SPMD program of "
                     "its own (`tag_jax/uneven/group_spmd.py`, priced by the simulator with its "
                     "in-group all-reduce overlapped), the combine then only all-reduces the 1/L "
-                    "chunks across sub-groups. See tag_jax/uneven/price.py.\n\n")
+                    "chunks across sub-groups. Layout `one m=M x(c_1,...)` = one program over all "
+                    "the devices taking part (`tag_jax/uneven/one.py`): each device of group g runs "
+                    "c_g microbatches of M examples, the last one peeled out of the loop so that its "
+                    "gradient all-reduce overlaps its backward pass (priced inside the group time; "
+                    "combine 0); replicated AdamW update. See tag_jax/uneven/price.py.\n\n")
             f.write("\n".join(lines + summary) + "\n")
 
 

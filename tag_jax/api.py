@@ -26,7 +26,9 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     `Topology.detect()`. `memory_limit` (bytes per device) defaults to the smallest device memory of
     the topology times `tag_jax.cost.USABLE_MEMORY`. `time_budget_s` bounds the search; tracing and
     building the plan add about 2 s for GPT-2 small. Plans are made once per input signature
-    (`.plan(*args)`, abstract arguments are fine) and deterministic for a given `seed`.
+    (`.plan(*args)`, abstract arguments are fine). The search is seeded (`seed`), but its budget is
+    wall-clock time, so a busier machine may stop it at another point and return another plan;
+    `plan.save(path)` and `tag_jax.Plan.load(path, fn, *args)` reuse one plan exactly.
     `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
     for the shipped weights (none if the package has none), None to search unguided, a
     `tag_jax.policy.Policy` or a weights path. With `time_budget_s=0` the policy's plan is used alone.

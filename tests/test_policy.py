@@ -180,7 +180,8 @@ def test_shipped_policy_beats_data_parallel_zero_shot_on_a_held_out_case():
     topo = tag_jax.Topology.preset("tag-hetero")  # a held-out preset
     alone = search(graph, topo, list(topo.ids), time_budget_s=0, policy=Policy.load())
     ann, _ = mesh_problem(graph, topo, candidate_meshes(topo.ids, topo)[0])
-    dp = ann.sim.cost(baseline_strategy("data_parallel", graph, ann.op_strategies, ann.mesh))
+    dp = ann.sim.cost(baseline_strategy("data_parallel", graph, ann.op_strategies, ann.mesh,
+                                        simulator=ann.sim))
     assert alone.cost.step_time_s < dp.step_time_s
 
 

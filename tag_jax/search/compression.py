@@ -722,8 +722,9 @@ def joint_select(graph: OpGraph, topology, result, device_ids: Sequence[int], mo
             strategies[key] = rules.for_graph(graph, mesh.axes)
         if deadline is not None and time.perf_counter() > deadline:
             break
-        dp = baseline_strategy("data_parallel", graph, strategies[key], mesh)
-        bound = Simulator(graph, strategies[key], topology, mesh, carried=carried).cost(dp)
+        sim = Simulator(graph, strategies[key], topology, mesh, carried=carried)
+        dp = baseline_strategy("data_parallel", graph, strategies[key], mesh, simulator=sim)
+        bound = sim.cost(dp)
         if bound.compute_s >= best.cost.step_time_s:
             continue
         sel, _ = select(dataclasses.replace(dp, name=f"data_parallel {mesh.axes}"))

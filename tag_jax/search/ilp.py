@@ -381,7 +381,8 @@ def ilp_strategy(graph: OpGraph, ops, topology, mesh: MeshSpec, *, time_limit_s:
                     "memory_limit")
             from tag_jax.baselines import baseline_strategy
 
-            strategy = baseline_strategy("data_parallel", graph, ops, mesh)
+            strategy = baseline_strategy("data_parallel", graph, ops, mesh, simulator=sim,
+                                         memory_limit=memory_limit)
             strategy = dataclasses.replace(strategy, name="ilp (no solution in time: data_parallel)")
             info.update(status="no solution in time limit: data_parallel", objective_s=math.nan)
             break

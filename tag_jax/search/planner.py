@@ -117,7 +117,7 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
                 continue
             if kind != "megatron" and len(mesh.shape) == 2 and has_1d:
                 continue
-            strategy = baseline_strategy(kind, graph, ops, mesh)
+            strategy = baseline_strategy(kind, graph, ops, mesh, simulator=sim, memory_limit=limit)
             cost = sim.cost(strategy)
             score = _score(cost, limit)
             seeds[f"{kind} {label}"] = cost.step_time_s

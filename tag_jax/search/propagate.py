@@ -2,7 +2,7 @@
 
 `propagate` walks the ops in order and gives each the option whose wanted input shardings best match
 the shardings its inputs already have: it minimises the bytes to reshard, breaks ties by more
-parallel work, then by the lower option index. It never looks ahead, so it expresses the hand-written
+parallel work (or by less: `ties="replicate"`, the baselines), then by the lower option index. It never looks ahead, so it expresses the hand-written
 baselines (fix the inputs, let the rest follow) and seeds the search; it is not a planner on its own.
 
 Resharding bytes here are a coarse, topology-free count (the simulator prices the real collectives):
@@ -42,7 +42,7 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
               input_shardings: Sequence[TensorSharding], *,
               prefer: Callable[[Op, OpStrategy], float] | None = None,
               outputs: Mapping[int, TensorSharding] | None = None,
-              refine: int = 2) -> tuple[int, ...]:
+              refine: int = 2, ties: str = "split") -> tuple[int, ...]:
     """One option index per op: a greedy forward pass, then `refine` local-improvement sweeps.
 
     `input_shardings`: the sharding of each graph input (in `graph.inputs` order).
@@ -55,7 +55,13 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
     and its consumers, keeping a change only when it lowers the bytes around the op (or keeps them
     and divides more work). The forward pass alone cannot see that slicing a tensor for free forces
     a gather later; these sweeps undo such choices.
+    `ties`: among options that reshard equally, "split" prefers the one dividing more work (the
+    default); "replicate" the one dividing less, so that work is split only where that saves
+    resharding (`tag_jax.baselines.baseline_strategy` prices both readings of a baseline).
     """
+    if ties not in ("split", "replicate"):
+        raise ValueError(f"ties={ties!r}: give 'split' or 'replicate'")
+    sign = -1 if ties == "split" else 1
     if len(op_strategies) != len(graph.ops):
         raise ValueError(f"{len(op_strategies)} strategy lists for the {len(graph.ops)} ops of "
                          f"{graph.name}; build them with tag_jax.rules.for_graph")
@@ -118,7 +124,7 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
 
     def keys(op: Op, look_ahead: bool) -> list[tuple]:
         """The sort key of each of the op's options: (bytes to reshard around it, less parallel
-        work, fewer split axes, index). What its neighbours have is read once for all options;
+        work, fewer split axes, index; the middle two negated with `ties="replicate"`). What its neighbours have is read once for all options;
         the answer is remembered by what it depends on (repeated layers ask the same question)."""
         have = [(made(tid), nbytes_of[tid]) for tid in op.inputs]
         around = []  # per output: (bytes, wanted graph-result sharding, what its consumers want)
@@ -157,7 +163,7 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
             p = par.get(id(s))
             if p is None:
                 p = par[id(s)] = (parallelism(s, axes), len(s.split_axes))
-            out.append((round(cost, 3), -p[0], -p[1], k))
+            out.append((round(cost, 3), sign * p[0], sign * p[1], k))
         answers[sig] = out
         return out
 

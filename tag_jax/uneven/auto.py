@@ -120,7 +120,8 @@ class UnevenFunction:
 
     def compiled(self, state: Any, batch: Any) -> dict[str, Any]:
         """The compiled programs of the chosen plan, by name ("spmd", or "group <name>", "combine",
-        "apply"), compiled on abstract inputs: for `tag_jax.hlo.collectives`."""
+        "apply", or "one program" for a mode-"one" plan), compiled on abstract inputs: for
+        `tag_jax.hlo.collectives`."""
         program = self.program(state, batch)
         if program is self.spmd:
             return {"spmd": self.spmd.lower(state, batch).compile()}

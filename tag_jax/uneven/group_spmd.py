@@ -50,7 +50,8 @@ def group_strategy(graph, topology, group: Group, local: int) -> GroupStrategy:
 
     # the data-parallel baseline's strategy (`tag_jax.baselines`): batch split over both axes,
     # parameters whole, op options by `propagate`, gradients all-reduced over the group
-    strategy = baseline_strategy("data_parallel", graph, ops, mesh)
+    sim = Simulator(graph, ops, topology, mesh)
+    strategy = baseline_strategy("data_parallel", graph, ops, mesh, simulator=sim)
     strategy = dataclasses.replace(strategy, name=f"group {group.name} (data parallel)")
-    cost = Simulator(graph, ops, topology, mesh).cost(strategy)
+    cost = sim.cost(strategy)
     return GroupStrategy(graph, mesh, ops, strategy, cost)

@@ -16,6 +16,7 @@ class GroupShare:
     peak_memory_bytes: int   # per device, with the state it holds
     collective_pairs: tuple[tuple[str, int], ...] = ()  # per device, by kind, its program's
     strategy: Any = dataclasses.field(default=None, compare=False, repr=False)  # mode "spmd"
+    exposed_s: float = 0.0   # mode "one": the last microbatch's all-reduce not hidden by its backward
 
     @property
     def local_batch(self) -> int:
@@ -39,7 +40,17 @@ class UnevenPlan:
     gather_pairs: tuple[tuple[str, int], ...] = ()    # per device, each group program's collectives
     combine_pairs: tuple[tuple[str, int], ...] = ()   # per device, the combining program's, by kind
     spmd_step_time_s: float | None = None  # the best single-SPMD plan's, when compared
-    group_program: str = "rows"  # "rows": per-device gradients; "spmd": `group_spmd` programs
+    group_program: str = "rows"  # "rows": per-device gradients; "spmd": `group_spmd` programs;
+    #                              "one": one program over all devices (`tag_jax.uneven.one`)
+    microbatch: int = 0          # mode "one": examples per microbatch
+    overlapped_comm_s: float = 0.0  # mode "one": the all-reduce's duration, overlapped with the last backward
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Mode "one": microbatches per device of each group (in the order of `groups`)."""
+        if self.group_program != "one" or self.microbatch < 1:
+            return ()
+        return tuple(g.share // (g.group.size * self.microbatch) for g in self.groups)
 
     @property
     def gather(self) -> dict[str, int]:
@@ -77,8 +88,10 @@ class UnevenPlan:
 
         lines = [f"Uneven plan on '{self.topology_name}': global batch {self.batch} over "
                  f"{len(self.groups)} group(s), predicted step {_seconds(self.step_time_s)} "
-                 f"(groups {_seconds(self.groups_s)} + combine {_seconds(self.combine_s)} + "
-                 f"apply {_seconds(self.apply_s)})",
+                 + (f"(slowest device {_seconds(self.groups_s)}, its all-reduce overlapped, + apply "
+                    f"{_seconds(self.apply_s)})" if self.group_program == "one" else
+                    f"(groups {_seconds(self.groups_s)} + combine {_seconds(self.combine_s)} + "
+                    f"apply {_seconds(self.apply_s)})"),
                  f"  {'group':<16} {'devices':<18} {'share':>6} {'per dev':>7} {'time':>10} "
                  f"{'idle':>10} {'peak mem':>10}"]
         for g in self.groups:
@@ -90,7 +103,16 @@ class UnevenPlan:
             lines.append(f"  {g.name:<16} {','.join(map(str, g.device_ids)):<18} {0:>6}  "
                          "(left out: slower with it than without)")
         n = len(self.device_ids)
-        if self.group_program == "spmd":
+        if self.group_program == "one":
+            counts = ", ".join(f"{g.group.name}: {c}" for g, c in zip(self.groups, self.counts))
+            exposed = ", ".join(f"{g.group.name} {_seconds(g.exposed_s)}" for g in self.groups)
+            lines.append(f"  one program over {n} devices: microbatches of {self.microbatch} example(s), "
+                         f"microbatches per device {counts}; no collective inside the loop")
+            lines.append(f"  the last microbatch's all-reduce of "
+                         f"{_bytes(self.combine_kinds.get('all-reduce', 0))} per device "
+                         f"({_seconds(self.overlapped_comm_s)}) overlaps its backward pass (exposed: "
+                         f"{exposed}); state replicated, the update on every device")
+        elif self.group_program == "spmd":
             lines.append(f"  group programs: one SPMD program per group on (data, local={self.local}) "
                          "sub-meshes, gradients reduced within the group")
             for g in self.groups:

@@ -11,6 +11,9 @@
   `Topology.collective_time("all-reduce", leaf bytes, devices)` per leaf, on the links between
   groups, in the devices' order.
 - The apply program runs `apply_fn` replicated on every device: the slowest device's time.
+
+Mode "one" (one program over all devices, per-device microbatch counts, the all-reduce overlapped
+with the last microbatch's backward pass) is priced in `tag_jax.uneven.one` with this `Pricer`.
 """
 from __future__ import annotations
 

@@ -42,7 +42,15 @@ ROWS_G = ("data", "local")   # the same within a group's mesh
 
 class UnevenProgram:
     """`program(state, batch) -> (new_state, metrics)` for an `UnevenPlan` (state replicated on the
-    plan's devices: `shard_state` puts it there)."""
+    plan's devices: `shard_state` puts it there). For a mode-"one" plan it is a `OneProgram`
+    (`tag_jax.uneven.one_program`): one program over all the plan's devices."""
+
+    def __new__(cls, step: UnevenStep, plan: UnevenPlan, **kwargs):
+        if cls is UnevenProgram and plan.group_program == "one":
+            from tag_jax.uneven.one_program import OneProgram
+
+            return OneProgram(step, plan, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, step: UnevenStep, plan: UnevenPlan, *, devices=None,
                  compiler_options: Mapping[str, Any] | None = None):

@@ -3,8 +3,11 @@
 For every non-empty set of groups (all of them when the caller fixes the groups), the MILP splits
 the batch by the groups' fitted time models; the chosen shares are then priced exactly (re-traced
 at their local batches) and the step is slowest group + combining all-reduce over the set's
-devices + optimizer update. The fastest set wins: leaving a slow group out pays when what it adds
-in compute is less than what its links add to the all-reduce.
+devices + optimizer update. Mode "one" (`tag_jax.uneven.one`) is priced next to the
+group-program modes: one program, per-device microbatch counts from the same MILP, the
+all-reduce overlapped with the last microbatch's backward pass. The fastest set wins: leaving a
+slow group out pays when what it adds in compute is less than what its links add to the
+all-reduce.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
                 *, groups: Sequence[Group] | None = None, by: str = "node",
                 memory_limit: float | None = None, leave_out: bool | None = None,
                 pricer: Pricer | None = None, local: int | None = None,
-                group_program: str | None = None) -> UnevenPlan:
+                group_program: str | None = None, microbatch: int | None = None) -> UnevenPlan:
     """The fastest uneven plan of `step` on these devices (abstract state and batch are fine).
 
     `groups`: fixed groups (default: `device_groups(topology, device_ids, by=by)`). `leave_out`:
@@ -36,11 +39,17 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
     `local`: the sub-group size of the layout (`tag_jax.uneven.layout`; default: the fastest of
     those dividing every group taking part; 1 = replicated state, flat combine).
     `group_program`: "rows" (per-device gradients, `program`), "spmd" (each group one SPMD
-    program, `group_spmd`) or None (default: the faster).
+    program, `group_spmd`), "one" (one program over all devices, each its own number of
+    microbatches, the all-reduce overlapped with the last backward pass: `one`) or None
+    (default: the fastest). `microbatch`: mode "one"'s microbatch size (default: the fastest of
+    `one.microbatch_sizes`).
     """
-    if group_program not in (None, "rows", "spmd"):
-        raise ValueError(f"plan_uneven(group_program={group_program!r}): 'rows', 'spmd' or None")
-    modes = ("rows", "spmd") if group_program is None else (group_program,)
+    if group_program not in (None, "rows", "spmd", "one"):
+        raise ValueError(f"plan_uneven(group_program={group_program!r}): 'rows', 'spmd', 'one' or None")
+    if group_program == "one" and local not in (None, 1):
+        raise UnevenError(f"plan_uneven(group_program='one', local={local}): the one-program mode keeps "
+                          "the state replicated (local=1); pass local=None or 1")
+    modes = ("rows", "spmd", "one") if group_program is None else (group_program,)
     from tag_jax.cost.simulate import USABLE_MEMORY
 
     pricer = pricer or Pricer(step, state, batch, topology)
@@ -59,7 +68,8 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
     sets = [tuple(groups)] if not leave_out else [
         c for r in range(len(groups), 0, -1) for c in itertools.combinations(groups, r)]
     best, first_error = _fastest(
-        lambda chosen: _best_layout(pricer, chosen, probes, limits, n, topology, local, modes), sets)
+        lambda chosen: _best_layout(pricer, chosen, probes, limits, n, topology, local, modes,
+                                    microbatch), sets)
     if best is None:
         if first_error is not None:
             raise first_error
@@ -71,7 +81,7 @@ def plan_uneven(step: UnevenStep, state: Any, batch: Any, topology, device_ids: 
 
 
 def _best_layout(pricer: Pricer, chosen, probes, limits, n: int, topology, local,
-                 modes=("rows", "spmd")) -> UnevenPlan | None:
+                 modes=("rows", "spmd"), microbatch: int | None = None) -> UnevenPlan | None:
     """The fastest layout for this set of groups (or the one asked for, if it divides them)."""
     from tag_jax.uneven.layout import local_sizes
 
@@ -83,10 +93,17 @@ def _best_layout(pricer: Pricer, chosen, probes, limits, n: int, topology, local
         sizes = (local,)
     def priced(layout):
         L, mode = layout
+        if mode == "one":
+            from tag_jax.uneven.one import plan_one
+
+            return plan_one(pricer, chosen, limits, n, microbatch=microbatch)
         models = [pricer.group_model(g, probes, limits[g.name], L, mode) for g in chosen]
         return _priced(pricer, chosen, models, limits, n, topology, L, mode)
 
-    best, error = _fastest(priced, [(L, m) for L in sizes for m in modes])
+    candidates = [(L, m) for L in sizes for m in modes if m != "one"]
+    if "one" in modes and (local is None or local == 1):
+        candidates.append((1, "one"))  # its state is replicated
+    best, error = _fastest(priced, candidates)
     if best is None and error is not None:
         raise error
     return best
