@@ -14,8 +14,11 @@ Semantics of a `Strategy` on an `OpGraph` with per-op strategy lists `op_strateg
 
 Time. Compute of op i = max(flops / (shards * rate * COMPUTE_EFFICIENCY),
 local bytes / (memory bandwidth * MEMORY_EFFICIENCY)) where shards = product of the sizes of
-`OpStrategy.split_axes` and rate/bandwidth are the MINIMUM over the mesh's devices (work is split
-evenly, so the slowest device bounds every op). The rate is the device's dense 16-bit peak
+`OpStrategy.split_axes`, on the rates of the mesh's slowest device kind: work is split evenly
+and devices run on their own between collectives, so the kind whose replicated step takes
+longest bounds the step (its op times are the timeline's; on a mix of devices one slow at
+matmuls and another slow at memory, taking each rate's minimum would price a device that does
+not exist). The rate is the device's dense 16-bit peak
 (`Device.flops`) when the op's floating operands are 16-bit or narrower; else, for a float32
 dot_general or convolution at JAX's default precision, its default-precision matmul peak
 (`Device.matmul_flops_fp32`: TF32 on NVIDIA Ampere and later, one bf16 pass on TPU), and for
@@ -338,12 +341,9 @@ class Simulator:
         g, topo, mesh, sh = self.graph, self.topology, self.mesh, self._sh
         sizes = mesh.axes
         devs = [topo.device(i) for i in mesh.device_ids]
-        rate16 = min(d.flops for d in devs) * self.efficiency
-        rate32 = min(d.flops_fp32 for d in devs) * self.efficiency
-        rate_mm32 = min(d.matmul_flops_fp32 for d in devs) * self.efficiency
-        bw = min(d.memory_bandwidth for d in devs) * self.memory_efficiency
+        kinds = sorted({(d.flops, d.flops_fp32, d.matmul_flops_fp32, d.memory_bandwidth) for d in devs})
         key = (tuple(mesh.shape), mesh.axis_names, frozenset(mesh.device_ids), self.efficiency,
-               self.memory_efficiency, rate16, rate32, rate_mm32, bw)
+               self.memory_efficiency, tuple(kinds))
         self._shards = np.zeros(0, np.float64)
         self._ensure_shards()
         comp = sh["comp_cache"].get(key)
@@ -366,8 +366,15 @@ class Simulator:
             io = sh["op_io"][op]
             moved = np.where(io > 0, sh["op_bytes"][op] * local / np.where(io > 0, io, 1),
                              sh["op_bytes"][op] / shards)
-            rate = np.where(sh["is16"][op], rate16, np.where(sh["fast_mm"][op], rate_mm32, rate32))
-            comp = np.maximum(sh["op_flops"][op] / shards / rate, moved / bw)
+            comp, slowest = None, -1.0
+            for f16, f32, mm32, mbw in kinds:
+                rate = np.where(sh["is16"][op], f16, np.where(sh["fast_mm"][op], mm32, f32)) * self.efficiency
+                times = np.maximum(sh["op_flops"][op] / shards / rate, moved / (mbw * self.memory_efficiency))
+                # which kind is slowest: by the replicated step (option 0 of every op), so that one
+                # kind prices every strategy of this mesh
+                total = float(times[sh["row_base"]].sum())
+                if total > slowest:
+                    comp, slowest = times, total
             sh["comp_cache"][key] = comp
         self._comp = comp
         self._p_keys = np.zeros(0, np.int64)    # sorted (shape class, src, dst) keys
