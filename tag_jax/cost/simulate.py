@@ -828,14 +828,12 @@ class Simulator:
             pm = self._pm = np.array([bool(s.partial) for s in items], bool)
         return pm
 
-    def cost(self, strategy: Strategy, *, overlap: bool = True, per_op: bool = False) -> Cost:
-        sh = self._sh
-        c, tsh = self._shardings(strategy)
-        comp = self._comp[sh["row_base"] + c]
+    def _grouped_jobs(self, c: np.ndarray, tsh: np.ndarray) -> tuple:
+        """The strategy's reshards, one per (tensor, target sharding) with its consumers grouped:
+        (consumers sorted by reshard, start and end of each reshard's run in them, tensor, source,
+        target, first and last consumer, price-cache slot) per reshard."""
         jt, js, jd, jc = self._jobs(c, tsh)
-        n_ops = sh["n_ops"]
-        # group consumers of the same (tensor, target)
-        key = jt * (len(sh["sh"].items) + 1) + jd
+        key = jt * (len(self._sh["sh"].items) + 1) + jd
         order = np.lexsort((jc, key))
         key_s, jc_s = key[order], jc[order]
         if key_s.size:
@@ -847,9 +845,17 @@ class Simulator:
         ut, us, ud = jt[u], js[u], jd[u]
         first, lastc = jc_s[starts], jc_s[ends - 1]
         slots = self._lookup(ut, us, ud) if len(u) else np.zeros(0, np.int64)
+        return jc_s, starts, ends, ut, us, ud, first, lastc, slots
+
+    def cost(self, strategy: Strategy, *, overlap: bool = True, per_op: bool = False) -> Cost:
+        sh = self._sh
+        c, tsh = self._shardings(strategy)
+        comp = self._comp[sh["row_base"] + c]
+        n_ops = sh["n_ops"]
+        jc_s, starts, ends, ut, us, ud, first, lastc, slots = self._grouped_jobs(c, tsh)
         dur, rbytes = self._p_dur[slots], self._p_rbytes[slots]
-        kb = self._p_kb[slots].sum(axis=0) if len(u) else np.zeros(len(KINDS))
-        if len(u):
+        kb = self._p_kb[slots].sum(axis=0) if len(ut) else np.zeros(len(KINDS))
+        if len(ut):
             kb = self._sliced_all_reduces(kb, slots, ut, us, ud, c, tsh)
         compute_s = float(comp.sum())
         comm_s = float(dur.sum())
@@ -1108,19 +1114,7 @@ class Simulator:
         the output allocation)."""
         sh = self._sh
         c, tsh = self._shardings(strategy)
-        jt, js, jd, jc = self._jobs(c, tsh)
-        key = jt * (len(sh["sh"].items) + 1) + jd
-        order = np.lexsort((jc, key))
-        key_s, jc_s = key[order], jc[order]
-        if key_s.size:
-            starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
-            ends = np.r_[starts[1:], key_s.size].astype(np.int64)
-        else:
-            starts = ends = np.zeros(0, np.int64)
-        u = order[starts]
-        ut, us, ud = jt[u], js[u], jd[u]
-        first, lastc = jc_s[starts], jc_s[ends - 1]
-        slots = self._lookup(ut, us, ud) if len(u) else np.zeros(0, np.int64)
+        _, _, _, ut, us, ud, first, lastc, slots = self._grouped_jobs(c, tsh)
         rbytes = self._p_rbytes[slots]
         always, start, stop, w, what = self._intervals(tsh, first, lastc, rbytes, ut, c, ud,
                                                         labels=True)
