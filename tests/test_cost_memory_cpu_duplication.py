@@ -20,25 +20,11 @@ import tag_jax
 from tag_jax.cost import Simulator
 from tag_jax.emit import emit
 from tag_jax.hlo import compiled_memory
-from tag_jax.strategy import MeshSpec, OpStrategy, Strategy, TensorSharding as TS
-from tag_jax.topology import Device, Link, Topology
 
 simulate = sys.modules["tag_jax.cost.simulate"]  # the module (tag_jax.cost.simulate is a function)
 S = jax.ShapeDtypeStruct
 F32 = np.float32
-MESH = MeshSpec((8,), ("a",), tuple(range(8)))
-BOUND = 0.20  # benchmarks/fidelity.py's MEMORY_BOUND
-
-
-def _topology():
-    devs = tuple(Device(i, "x", 100e12, 10e12, 16e9, 1e12, node=i // 4) for i in range(8))
-    return Topology(devs, intra_node=Link(100e9, 1e-6), inter_node=Link(1e9, 1e-5))
-
-
-def _replicated(graph):
-    rep = lambda ts: tuple(TS.replicated(len(graph.tensors[t].shape)) for t in ts)  # noqa: E731
-    strats = tuple((OpStrategy(op.primitive, rep(op.inputs), rep(op.outputs)),) for op in graph.ops)
-    return strats, Strategy(MESH, (0,) * len(graph.ops), rep(graph.inputs))
+from test_cost_memory_cpu_reductions import BOUND, MESH, _replicated, _topology  # noqa: E402
 
 
 def _compiled_peak(graph, strats, strategy, args):

@@ -42,12 +42,10 @@ class OneProgram:
 
     def __init__(self, step: UnevenStep, plan: UnevenPlan, *, devices=None,
                  compiler_options: Mapping[str, Any] | None = None):
+        from tag_jax.uneven.program import plan_devices
+
         check_plan(plan)
-        devices = list(jax.devices() if devices is None else devices)
-        for i in plan.device_ids:
-            if not 0 <= i < len(devices):
-                raise UnevenError(f"the plan uses device {i} but JAX has {len(devices)} device(s); "
-                                  "plan for the devices this job sees")
+        devices = plan_devices(plan, devices)
         self.step, self.plan = step, plan
         self.local = 1
         self.mesh = Mesh(np.array([devices[i] for i in plan.device_ids]), (AXIS,),

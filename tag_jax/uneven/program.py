@@ -36,6 +36,16 @@ from tag_jax.uneven.price import UnevenError, global_batch
 from tag_jax.uneven.steps import UnevenStep
 
 
+def plan_devices(plan: UnevenPlan, devices=None) -> list:
+    """The jax devices a plan runs on (default: `jax.devices()`), checked to hold its device ids."""
+    devices = list(jax.devices() if devices is None else devices)
+    for i in plan.device_ids:
+        if not 0 <= i < len(devices):
+            raise UnevenError(f"the plan uses device {i} but JAX has {len(devices)} device(s); "
+                              "plan for the devices this job sees")
+    return devices
+
+
 ROWS = ("groups", "local")   # one device per row of the (devices, ...) gradient arrays
 ROWS_G = ("data", "local")   # the same within a group's mesh
 
@@ -54,11 +64,7 @@ class UnevenProgram:
 
     def __init__(self, step: UnevenStep, plan: UnevenPlan, *, devices=None,
                  compiler_options: Mapping[str, Any] | None = None):
-        devices = list(jax.devices() if devices is None else devices)
-        for i in plan.device_ids:
-            if not 0 <= i < len(devices):
-                raise UnevenError(f"the plan uses device {i} but JAX has {len(devices)} device(s); "
-                                  "plan for the devices this job sees")
+        devices = plan_devices(plan, devices)
         self.step, self.plan = step, plan
         L = self.local = plan.local
         auto = (AxisType.Auto, AxisType.Auto)
