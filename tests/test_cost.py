@@ -621,3 +621,48 @@ def test_root_of_another_shape_is_reduced_along_the_wanted_split():
     compiled = jax.jit(f, in_shardings=(ns("a", None), ns()), out_shardings=ns("a", None)).lower(*args).compile()
     got = tag_jax.hlo.collective_bytes_by_kind(collectives(compiled))
     assert got["reduce-scatter"] == 64 * 2 * 8 * 4 // 8 and got["all-reduce"] == 0
+
+
+def test_a_layout_only_consumer_does_not_hold_the_compute_stream():
+    """y = x.T @ x over a batch split x is a partial sum; its transpose wants it whole, so it is
+    all-reduced there (as gpt2's weight gradients before Adam's square); the transposed value is
+    read only at the end. XLA's scheduler places the
+    transpose (and the all-reduce's end) just before that use: the independent chain in between
+    runs meanwhile, so the step is about max(compute, comm), not their sum."""
+    from tag_jax import rules
+    from tag_jax.search.propagate import propagate
+
+    def f(x, v):
+        yt = (x.T @ x).T
+        u = v
+        for _ in range(6):
+            u = jnp.tanh(u @ v)
+        return yt ** 2 + u
+
+    g = tag_jax.trace(f, S((64, 256), F32), S((256, 256), F32))
+    mesh = MeshSpec((8,), ("a",), tuple(range(8)))
+    ops = rules.for_graph(g, mesh.axes)
+    ins = (P("a", None), P(None, None))
+    choices = list(propagate(g, ops, mesh, ins))
+    dot = next(op for op in g.ops if op.primitive == "dot_general")
+    xt = g.tensors[dot.inputs[0]].producer  # x.T, split like x: no collective
+    choices[xt] = next(k for k, o in enumerate(ops[xt]) if o.inputs[0] == P("a", None))
+    made = ops[xt][choices[xt]].outputs[0]
+    choices[dot.id] = next(k for k, o in enumerate(ops[dot.id])
+                           if o.inputs == (made, P("a", None)) and o.outputs[0].partial == ("a",))
+    transpose = next(op.id for op in g.ops if op.primitive == "transpose" and dot.outputs[0] in op.inputs)
+    for k in range(dot.id + 1, len(g.ops)):  # the rest replicated: the partial sum is all-reduced
+        choices[k] = 0                        # right before the transpose
+    strategy = Strategy(mesh, tuple(choices), ins)
+    topo = two_node_topology(fp32=(1e12,) * 8)  # the chain takes about as long as the all-reduce
+    sim = Simulator(g, ops, topo, mesh)
+    c = sim.cost(strategy)
+    assert c.comm_bytes_by_kind["all-reduce"] == 256 * 256 * 4
+    square = next(op.id for op in g.ops if op.primitive == "integer_pow")
+    assert sim._wait_at()[transpose] == square  # waited for where the square needs it
+    chain = sum(float(sim._comp[sim._sh["row_base"][op.id] + choices[op.id]])
+                for op in g.ops if op.primitive in ("tanh", "dot_general") and op.id > transpose)
+    assert 0.5 * c.comm_s < chain < 2 * c.comm_s
+    # the all-reduce is hidden behind the chain (up to what is left of it or of the chain)
+    assert c.step_time_s == pytest.approx(c.compute_s + c.comm_s - min(chain, c.comm_s), rel=0.05)
+    assert c.step_time_s < c.compute_s + 0.5 * c.comm_s

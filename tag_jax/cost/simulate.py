@@ -861,8 +861,8 @@ class Simulator:
         comm_s = float(dur.sum())
         live = np.flatnonzero(dur > 0)  # free reshards (local slices) never wait for the network
         if overlap and live.size:
-            step = self._schedule(comp, sh["producer"][ut[live]], first[live], dur[live], jc_s,
-                                  starts[live], ends[live])
+            step = self._schedule(comp, sh["producer"][ut[live]], first[live], dur[live],
+                                  self._wait_at()[jc_s], starts[live], ends[live])
         else:
             step = compute_s + comm_s
         peak = self._peak(tsh, first, lastc, rbytes, ut, c)
@@ -982,6 +982,30 @@ class Simulator:
         idx = np.concatenate([np.array(seen_ops, np.int64), len(c) + np.array(seen_t, np.int64)])
         cache[key] = (idx, np.concatenate([c, tsh])[idx], ans)
         return ans
+
+    def _wait_at(self) -> np.ndarray:
+        """Per op (and n_ops for the end of the step): where the compute stream first waits for a
+        reshard that op consumes. A layout-only consumer (transpose, reshape, convert, ...) needs
+        no compute worth waiting for, and XLA's scheduler places it, with the collective's end,
+        just before what uses its result: so the wait moves to its first non-layout dependent
+        (gpt2-small's weight gradients are all-reduced, then transposed, then read by the
+        optimizer's update at the end of the backward pass: without this the transposes right
+        after each all-reduce held the backward pass up and nothing overlapped)."""
+        sh = self._sh
+        got = sh.get("wait_at")
+        if got is None:
+            g, n = self.graph, sh["n_ops"]
+            got = np.arange(n + 1, dtype=np.int64)
+            outs = set(g.outputs)
+            for op in reversed(g.ops):
+                if op.primitive not in _LAYOUT_ONLY or op.subgraphs:
+                    continue
+                later = [got[c] for t in op.outputs for c in g.tensors[t].consumers]
+                if any(t in outs for t in op.outputs):
+                    later.append(n)
+                got[op.id] = min(later) if later else n
+            sh["wait_at"] = got
+        return got
 
     def _schedule(self, comp, prod, first, dur, jc_s, starts, ends) -> float:
         """Makespan of one compute stream (program order) and one FIFO communication stream.
@@ -1244,6 +1268,10 @@ _EXPENSIVE = frozenset({"exp", "exp2", "expm1", "log", "log1p", "div", "rem", "p
                         "threefry2x32", "nextafter", "igamma_grad_a"})
 
 
+# ops that only move or re-type data: a consumer of a reshard among these is not waited for
+# (`Simulator._wait_at`)
+_LAYOUT_ONLY = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim",
+                          "convert_element_type", "copy", "copy_p"})
 _REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"})
 _SHAPE_ONLY = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims"})
 # XLA:CPU (`lowering="xla-cpu"`): a reduction is one YNNPACK fusion whose operand may be computed
