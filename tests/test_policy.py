@@ -187,7 +187,7 @@ def test_shipped_policy_beats_data_parallel_zero_shot_on_a_held_out_case():
 
 def test_guided_search_keeps_baselines_and_adds_the_policy_seeds(mlp, policy):
     graph = mlp[1]
-    r = search(graph, TOPO, list(TOPO.ids), time_budget_s=1.0, policy=policy)
+    r = search(graph, TOPO, list(TOPO.ids), time_budget_s=3.0, policy=policy)  # (1 s: skipped under load)
     assert any(k.startswith("policy (") for k in r.seeds)  # its argument shardings, propagated
     assert any(k.startswith("policy ops (") for k in r.seeds)  # its own op options
     assert any(k.startswith("data_parallel") for k in r.seeds)
