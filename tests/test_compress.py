@@ -265,13 +265,11 @@ def test_row_sparse_errors():
 # ----------------------------------------------------------------------------- lossy
 
 
-def spread(*shape):
-    """Rows of very different magnitudes: the case per-row scales are for."""
-    return gauss(*shape) * jnp.exp(2 * gauss(shape[0], *([1] * (len(shape) - 1))))
-
-
 def test_lossy_psums_stay_in_their_stated_bounds_and_are_not_exact():
-    x = spread(M * 5, 7)
+    # rows of very different magnitudes (what per-row scales are for), drawn here: the module's
+    # RNG depends on which tests ran first in this worker
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(M * 5, 7)) * np.exp(2 * rng.normal(size=(M * 5, 1))), jnp.float32)
     blocks = np.asarray(x, np.float64).reshape(M, 5, 7)
     exact = blocks.sum(0)
     f = smap(lambda v: (lossy_psum_bf16(v, "d"), lossy_psum_int8(v, "d"), lossy_psum_int8(v, "d", per_row=True)),
@@ -287,7 +285,10 @@ def test_lossy_psums_stay_in_their_stated_bounds_and_are_not_exact():
     assert np.all(np.abs(int8_row - exact).max(axis=1) <= (s_row.sum(0) / 2 + t_row / 2) * slack)
     for a in (bf16, int8, int8_row):
         assert not np.allclose(a, exact, rtol=1e-6, atol=0)      # lossy indeed
-    assert np.abs(int8_row - exact).max() < np.abs(int8 - exact).max()  # per-row helps small rows
+    # per-row scales help the rows far below the largest (the largest row's own scale is the
+    # per-tensor one, so the maximum over all rows need not shrink)
+    small = int(np.argmin(np.abs(exact).max(axis=1)))
+    assert np.abs(int8_row - exact)[small].max() < np.abs(int8 - exact)[small].max()
     assert not any(c.exact for c in (costs.lossy_bf16_cost((5, 7), "float32", M),
                                      costs.lossy_int8_cost((5, 7), "float32", M)))
 
