@@ -30,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tag_jax.uneven.one import check_plan, per_device_counts
 from tag_jax.uneven.plan import UnevenPlan
 from tag_jax.uneven.price import UnevenError, global_batch
+from tag_jax.uneven.program import plan_devices, varying_axes
 from tag_jax.uneven.steps import UnevenStep
 
 AXIS = "devices"
@@ -42,7 +43,6 @@ class OneProgram:
 
     def __init__(self, step: UnevenStep, plan: UnevenPlan, *, devices=None,
                  compiler_options: Mapping[str, Any] | None = None):
-        from tag_jax.uneven.program import plan_devices
 
         check_plan(plan)
         devices = plan_devices(plan, devices)
@@ -76,7 +76,7 @@ class OneProgram:
         grad_fn, m, C, N = self.step.grad_fn, self.m, self.most, self.plan.batch
 
         def varying(p):  # else the transpose of an invariant use would psum the gradient itself
-            vma = _varying(p)
+            vma = varying_axes(p)
             return p if AXIS in vma else jax.lax.pcast(p, (AXIS,), to="varying")
 
         params = jax.tree_util.tree_map(varying, params)
@@ -194,10 +194,3 @@ def loop_collectives(compiled_or_text: Any) -> list:
             todo += _called(ins)
     return [c for c in collectives(text) if c.computation in inside]
 
-
-def _varying(x) -> frozenset:
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(vma)

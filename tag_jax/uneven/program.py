@@ -115,7 +115,7 @@ class UnevenProgram:
                     p = jax.lax.all_gather(p, "local", axis=k, tiled=True)
                 # params marked device-varying: otherwise the transpose of their (invariant) use
                 # psums the gradient over the group, summing where the combine must weigh
-                missing = tuple(a for a in ("data", "local") if a not in _varying(p))
+                missing = tuple(a for a in ("data", "local") if a not in varying_axes(p))
                 return jax.lax.pcast(p, missing, to="varying") if missing else p
 
             params = jax.tree_util.tree_map(whole, params, dims)
@@ -148,7 +148,7 @@ class UnevenProgram:
             if k is not None:
                 n = v.shape[k] // L
                 v = jax.lax.dynamic_slice_in_dim(v, jax.lax.axis_index("local") * n, n, axis=k)
-            missing = tuple(a for a in ("data", "local") if a not in _varying(v))
+            missing = tuple(a for a in ("data", "local") if a not in varying_axes(v))
             v = jax.lax.pcast(v, missing, to="varying") if missing else v
             return v[None]
 
@@ -383,7 +383,7 @@ def _sd(v, sharding):
     return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
 
 
-def _varying(x) -> frozenset:
+def varying_axes(x) -> frozenset:
     """The mesh axes a value inside shard_map varies along."""
     aval = jax.typeof(x)
     vma = getattr(aval, "vma", None)
