@@ -44,6 +44,11 @@ def test_split_step_equals_unsplit_step(case, local):
     step, state, batch = _problem(sum(shares))
     groups = (uneven.Group("a", "cpu", a), uneven.Group("b", "cpu", b))
     program = uneven.UnevenProgram(step, _plan(groups, shares, sum(shares), local))
+    assert_two_steps_match(program, step, state, batch)
+
+
+def assert_two_steps_match(program, step, state, batch):
+    """Two steps of `program` equal two unsplit steps (float32, rtol 1e-5)."""
     new, metrics = program(program.shard_state(state), batch)
     ref, ref_metrics = jax.jit(step.reference)(state, batch)
     for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
@@ -51,7 +56,7 @@ def test_split_step_equals_unsplit_step(case, local):
     assert int(new["step"]) == 1
     # the parameters did move: the test compares an update, not two copies of the input
     assert not np.allclose(np.asarray(new["params"]["w1"]), np.asarray(state["params"]["w1"]))
-    # a second step from the split state stays equal too (the state is reused in place)
+    # a second step from the program's own state stays equal too (the state is reused in place)
     new2, _ = program(new, batch)
     ref2, _ = jax.jit(step.reference)(ref, batch)
     np.testing.assert_allclose(np.asarray(new2["params"]["w2"]), np.asarray(ref2["params"]["w2"]),

@@ -14,7 +14,7 @@ from tag_jax.hlo import collective_bytes_by_kind, collectives
 from tag_jax.uneven import one
 from tag_jax.uneven.plan import GroupShare, UnevenPlan
 
-from test_uneven import _hetero_cpu_topology, _problem
+from test_uneven import _hetero_cpu_topology, _problem, assert_two_steps_match
 
 GRADS_BYTES = 4 * (16 * 32 + 32 + 32 * 8 + 2)  # the toy's gradients and two metrics, float32
 
@@ -80,16 +80,7 @@ def test_one_program_equals_unsplit_step(sizes, counts, m):
     program = uneven.UnevenProgram(step, plan)
     assert isinstance(program, uneven.OneProgram)
     assert program.device_counts == tuple(c for g, c in zip(groups, counts) for _ in g.device_ids)
-    new, metrics = program(program.shard_state(state), batch)
-    ref, ref_metrics = jax.jit(step.reference)(state, batch)
-    for x, y in zip(jax.tree_util.tree_leaves((new, metrics)), jax.tree_util.tree_leaves((ref, ref_metrics))):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
-    assert int(new["step"]) == 1
-    assert not np.allclose(np.asarray(new["params"]["w1"]), np.asarray(state["params"]["w1"]))
-    new2, _ = program(new, batch)  # from the program's own (replicated) state
-    ref2, _ = jax.jit(step.reference)(ref, batch)
-    np.testing.assert_allclose(np.asarray(new2["params"]["w2"]), np.asarray(ref2["params"]["w2"]),
-                               rtol=1e-5, atol=1e-7)
+    assert_two_steps_match(program, step, state, batch)
     compiled = program.compiled(state, batch)["one program"]
     assert uneven.loop_collectives(compiled) == []
 
