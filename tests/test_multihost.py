@@ -8,14 +8,12 @@ single-process step.
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from multihost_job import run_job
 from tag_jax import models
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
@@ -24,33 +22,11 @@ BUDGET_S = "0.5"
 TIMEOUT_S = 150
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """Run the job once; the tests below read what each process wrote."""
     out = tmp_path_factory.mktemp("multihost")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices: not here
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(PROCESSES), port, str(out),
-                               BUDGET_S], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for i in range(PROCESSES)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the {PROCESSES}-process job did not finish in {TIMEOUT_S} s")
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    run_job(WORKER, PROCESSES, out, (BUDGET_S,), timeout_s=TIMEOUT_S)
     return out
 
 

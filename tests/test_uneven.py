@@ -283,27 +283,9 @@ def test_auto_shard_uneven_errors():
 # ---- the same plan under jax.distributed: 2 processes x 4 CPU devices, a group spanning both ----
 
 def test_split_step_under_jax_distributed(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
+    from multihost_job import run_job
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), port, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the 2-process uneven job did not finish in 120 s")
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-3000:]}"
+    run_job(__file__, 2, tmp_path, timeout_s=120, what="uneven job")
     step, state, batch = _problem(40)
     ref, _ = jax.jit(step.reference)(state, batch)
     for i in range(2):
@@ -312,12 +294,12 @@ def test_split_step_under_jax_distributed(tmp_path):
             np.testing.assert_allclose(got[name], np.asarray(value), rtol=1e-5, atol=1e-7)
 
 
-def _worker(process_id: str, port: str, out: str) -> None:
+def _worker(process_id: str, processes: str, port: str, out: str) -> None:
     import os
 
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(processes),
                                process_id=int(process_id), initialization_timeout=60)
     try:
         step, state, batch = _problem(40)
