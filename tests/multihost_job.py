@@ -1,11 +1,11 @@
-"""Launch one `jax.distributed` job of N CPU processes on 127.0.0.1 (the multi-controller tests)."""
+"""Launch one `jax.distributed` job of N CPU processes on 127.0.0.1 (the multi-controller tests),
+and join it from a worker process."""
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-
-import pytest
 
 
 def free_port() -> int:
@@ -24,6 +24,8 @@ def run_job(worker: str, processes: int, out, extra_args=(), timeout_s: float = 
                                *map(str, extra_args)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for i in range(processes)]
+    import pytest
+
     deadline = time.monotonic() + timeout_s  # one limit for the whole job: a hang fails cleanly
     logs = []
     try:
@@ -37,3 +39,19 @@ def run_job(worker: str, processes: int, out, extra_args=(), timeout_s: float = 
         pytest.fail(f"the {processes}-process {what} did not finish in {timeout_s:g} s\n{text}")
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+
+
+@contextlib.contextmanager
+def joined(process_id, num_processes, port, local_devices: int = 4):
+    """In a worker: this process's part of the job, `local_devices` CPU devices of its own."""
+    os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts; a worker is an entry point
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", local_devices)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(num_processes),
+                               process_id=int(process_id), initialization_timeout=60)
+    try:
+        yield jax
+    finally:
+        jax.distributed.shutdown()

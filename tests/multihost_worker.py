@@ -14,24 +14,16 @@ from __future__ import annotations
 import os
 import sys
 
+from multihost_job import joined
+
 LOCAL_DEVICES = 4
 TOPOLOGY = "2x4-v100-25gbe"
 
 
 def main(argv: list[str]) -> int:
     process_id, num_processes, port, out_dir, budget = argv
-    os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts; this is an entry point, not the library
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=int(num_processes), process_id=int(process_id),
-                               initialization_timeout=60)
-    try:
+    with joined(process_id, num_processes, port, LOCAL_DEVICES):
         run(out_dir, float(budget))
-    finally:
-        jax.distributed.shutdown()
     return 0
 
 

@@ -297,19 +297,15 @@ def test_split_step_under_jax_distributed(tmp_path):
 def _worker(process_id: str, processes: str, port: str, out: str) -> None:
     import os
 
-    jax.config.update("jax_num_cpu_devices", 4)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(processes),
-                               process_id=int(process_id), initialization_timeout=60)
-    try:
+    from multihost_job import joined
+
+    with joined(process_id, processes, port):
         step, state, batch = _problem(40)
         groups = (uneven.Group("a", "cpu", (0, 1, 2, 3, 4, 5)), uneven.Group("b", "cpu", (6, 7)))
         program = uneven.UnevenProgram(step, _plan(groups, (24, 16), 40))
         new, _ = program(program.shard_state(state), batch)
         local = {k: np.asarray(v.addressable_shards[0].data) for k, v in new["params"].items()}
         np.savez(os.path.join(out, f"params_{process_id}.npz"), **local)
-    finally:
-        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import json
 import os
 import sys
 
+from multihost_job import joined
+
 LOCAL_DEVICES = 4
 BATCH = 64
 # (name, group_program, local, microbatch): microbatches of 2 give the devices unequal loop counts
@@ -31,18 +33,8 @@ CASES = (("rows-L4", "rows", 4, None), ("spmd-L2", "spmd", 2, None), ("one-m2", 
 
 def main(argv: list[str]) -> int:
     process_id, num_processes, port, out_dir = argv
-    os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts; this is an entry point, not the library
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=int(num_processes), process_id=int(process_id),
-                               initialization_timeout=60)
-    try:
+    with joined(process_id, num_processes, port, LOCAL_DEVICES):
         run(out_dir)
-    finally:
-        jax.distributed.shutdown()
     return 0
 
 
