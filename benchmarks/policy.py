@@ -8,8 +8,10 @@ Held out (see tag_jax.policy.zoo): the t5 and resnet families, which training ne
 4xa100-4xv100, tpu-v4-2x2x2 (a torus, unlike any training topology) and 2x8-v100-p3.
 
 (a) zero-shot: the policy's plan alone (`search(..., time_budget_s=0, policy=...)`: features, one
-    network call over every candidate mesh, three readings of its scores priced on each of its
-    three top-ranked meshes, no search moves) against the full unguided search
+    network call over every candidate mesh, three readings of its scores and the hand-written
+    baselines (data parallel, FSDP, Megatron on 2-D meshes) priced on each of its three
+    top-ranked meshes, the fastest kept; no search moves; its simulator evaluations are counted
+    in the `policy alone evals` column) against the full unguided search
     (`time_budget_s=--budget-s`) and data parallel;
 (b) guided vs unguided search, counted in simulator evaluations: every pricing of a plan (a seed,
     a decision vector) and every priced move of op-option annealing (`anneal_ops`, incremental)
@@ -104,10 +106,11 @@ def search_curve(graph, problems, limit: float, evals: int, guide=None, seed: in
     return trace[:evals]
 
 
-def zero_shot(policy, graph, topo) -> tuple[float, float]:
+def zero_shot(policy, graph, topo) -> tuple[float, float, int, str]:
+    """Step time, seconds, simulator evaluations and name of the policy's plan alone."""
     t0 = time.perf_counter()
     r = search(graph, topo, list(topo.ids), time_budget_s=0, policy=policy)
-    return r.cost.step_time_s, time.perf_counter() - t0
+    return r.cost.step_time_s, time.perf_counter() - t0, r.evaluations, r.strategy.name
 
 
 def main(argv=None) -> None:
@@ -116,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--evals", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/POLICY.md")
     ap.add_argument("--weights", default=None, help="weights to test (default: the shipped ones)")
+    ap.add_argument("--only", default=None, metavar="TEXT",
+                    help="only the cases whose 'model topology' contains TEXT (a timing check)")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
                     help="only compare two weight files' zero-shot plans on the held-out cases")
     args = ap.parse_args(argv)
@@ -124,8 +129,10 @@ def main(argv=None) -> None:
     policy = Policy.load(args.weights) if args.weights else Policy.load()
     rows = []
     for label, graph, tname, topo in held_out():
+        if args.only is not None and args.only not in f"{label} {tname}":
+            continue
         ids = list(topo.ids)
-        alone, t_alone = zero_shot(policy, graph, topo)
+        alone, t_alone, alone_evals, alone_plan = zero_shot(policy, graph, topo)
         full = search(graph, topo, ids, time_budget_s=args.budget_s, policy=None)
         dp = min(v for k, v in full.seeds.items() if k.startswith("data_parallel"))
         meshes = candidate_meshes(ids, topo, leave_out=True)  # the planner's meshes
@@ -138,6 +145,7 @@ def main(argv=None) -> None:
         reach = lambda c: next((i + 1 for i, v in enumerate(c) if v <= target), math.inf)  # noqa: E731
         row = dict(model=label, topology=tname, policy=alone, search=full.cost.step_time_s,
                    search_plan=full.strategy.name, dp=dp, policy_s=t_alone,
+                   policy_evals=alone_evals, policy_plan=alone_plan,
                    plain_reach=reach(plain), guided_reach=reach(guided),
                    plain_best=min(plain[:args.evals]), guided_best=min(guided[:args.evals]))
         rows.append(row)
@@ -155,8 +163,8 @@ def compare(a: str, b: str) -> None:
     pa, pb = Policy.load(a), Policy.load(b)
     ratios = []
     for label, graph, tname, topo in held_out():
-        ta, _ = zero_shot(pa, graph, topo)
-        tb, _ = zero_shot(pb, graph, topo)
+        ta = zero_shot(pa, graph, topo)[0]
+        tb = zero_shot(pb, graph, topo)[0]
         ratios.append(tb / ta)
         print(f"{label[:40]:<40} {tname:<14} A {ta * 1e3:8.3f} ms  B {tb * 1e3:8.3f} ms  B/A {tb / ta:.3f}")
     print(f"B/A zero-shot step time: median {statistics.median(ratios):.3f}, geometric mean "
@@ -169,6 +177,7 @@ def write(rows, args, policy) -> None:
     vs_dp = [r["policy"] / r["dp"] for r in rows]
     speed = [r["plain_reach"] / r["guided_reach"] for r in rows]
     equal = [r["guided_best"] / r["plain_best"] for r in rows]
+    kept = sum(not r["policy_plan"].startswith("tag_jax (policy") for r in rows)  # a baseline's plan
     lines = [
         "# The learned policy on held-out models and topologies",
         "",
@@ -179,12 +188,14 @@ def write(rows, args, policy) -> None:
         "topologies was drawn in training (`tag_jax.policy.zoo.HELD_OUT_*`). Raw rows: "
         "`benchmarks/POLICY.json`.",
         "",
-        "| model | topology | policy alone (ms) | full search (ms) | data parallel (ms) | policy / search | "
-        "policy / DP | evals to 2%: unguided | guided | guided / unguided at equal budget |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | topology | policy alone (ms) | policy alone evals | full search (ms) | "
+        "data parallel (ms) | policy / search | policy / DP | evals to 2%: unguided | guided | "
+        "guided / unguided at equal budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['topology']} | {r['policy'] * 1e3:.3f} | {r['search'] * 1e3:.3f} | "
+        lines.append(f"| {r['model']} | {r['topology']} | {r['policy'] * 1e3:.3f} | {r['policy_evals']} | "
+                     f"{r['search'] * 1e3:.3f} | "
                      f"{r['dp'] * 1e3:.3f} | {r['policy'] / r['search']:.3f} | {r['policy'] / r['dp']:.3f} | "
                      f"{r['plain_reach']} | {r['guided_reach']} | {r['guided_best'] / r['plain_best']:.3f} |")
     lines += [
@@ -200,9 +211,11 @@ def write(rows, args, policy) -> None:
         f"{statistics.median(equal):.3f}, worst {max(equal):.3f} (below 1: guided is better; "
         f"worse in {sum(e > 1 + 1e-9 for e in equal)} cases).",
         f"- the policy's plan alone takes {statistics.median(r['policy_s'] for r in rows):.2f} s "
-        "median (features and one network call over every candidate mesh, then three readings "
-        "priced on each of its top three meshes; the first call of a padded shape compiles the "
-        "network).",
+        f"and {statistics.median(r['policy_evals'] for r in rows):g} simulator evaluations median "
+        f"({min(r['policy_evals'] for r in rows)}-{max(r['policy_evals'] for r in rows)}; features and "
+        "one network call over every candidate mesh, then three readings and the baselines priced "
+        "on each of its top three meshes; the first call of a padded shape compiles the network); "
+        f"a baseline's plan is the one kept in {kept} cases.",
         "",
     ]
     with open(args.out, "w") as f:

@@ -282,14 +282,37 @@ def test_zero_budget_returns_the_policy_plan_and_it_computes_the_same_step(mlp, 
     mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
     step = tag_jax.auto_shard(ex.step, mesh, topology=TOPO, time_budget_s=0, policy=policy)
     plan = step.plan(state, batch)
-    # a few readings of its scores priced (no search moves), on its top meshes
-    from tag_jax.policy.guide import MESHES_TRIED
+    # a few readings of its scores and the baselines priced (no search moves), on its top meshes
+    from tag_jax.policy.guide import BASELINES_TRIED, MESHES_TRIED
 
-    assert 1 <= plan.search.evaluations <= 3 * MESHES_TRIED
-    (name,) = plan.search.seeds
-    assert name in [f"policy (mesh choice {k + 1})" for k in range(MESHES_TRIED)]
+    assert 1 <= plan.search.evaluations <= (3 + 2 * len(BASELINES_TRIED)) * MESHES_TRIED
+    names = [f"{kind} (mesh choice {k + 1})" for k in range(MESHES_TRIED)
+             for kind in ("policy",) + BASELINES_TRIED]
+    assert set(plan.search.seeds) <= set(names) and "policy (mesh choice 1)" in plan.search.seeds
+    assert any(plan.strategy.name.startswith(f"tag_jax ({n})") for n in names)  # (+ compression)
     assert plan.cost.step_time_s > 0
     got = step(state, batch)
     want = jax.jit(ex.step)(state, batch)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_alone_is_never_slower_than_the_baselines_on_its_top_mesh(mlp, policy):
+    # an untrained policy: its own readings lose to data parallel and Megatron here, so the plan
+    # alone must be one of those (or better), never its readings' best
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.cost import Simulator
+    from tag_jax.search.propagate import carried_outputs
+
+    graph = mlp[1]
+    r = search(graph, TOPO, list(TOPO.ids), time_budget_s=0, policy=policy)
+    meshes = candidate_meshes(TOPO.ids, TOPO, leave_out=True)  # the planner's meshes
+    top = max(policy.guide(graph, TOPO, meshes), key=lambda g: g.mesh_logit)
+    ops = top.context.op_strategies
+    sim = Simulator(graph, ops, TOPO, top.mesh, carried=carried_outputs(graph))
+    kinds = ("data_parallel", "fsdp") + (("megatron",) if len(top.mesh.shape) == 2 else ())
+    for kind in kinds:
+        base = sim.cost(baseline_strategy(kind, graph, ops, top.mesh, simulator=sim))
+        assert r.cost.step_time_s <= base.step_time_s * (1 + 1e-9), kind
+    # the evaluations count the baselines' pricings too: more than the 3 readings per mesh alone
+    assert r.evaluations > 3 * len({k for k in r.seeds if k.startswith("policy (")})

@@ -5,8 +5,9 @@ batch) and returns, per mesh, the decision vector it prefers (argument shardings
 prefers for every op class, per-unit option probabilities for both (the annealers' move priors) and
 a mesh logit. `policy_plan` prices the policy's plan on the MESHES_TRIED meshes it ranks first, three
 readings each (its op options with its argument shardings; the same made consistent by propagation;
-its argument shardings with op options propagated as the annealer does) and returns the fastest:
-a few simulator evaluations, no search moves.
+its argument shardings with op options propagated as the annealer does), and beside them the
+hand-written baselines (data parallel, FSDP, Megatron on 2-D meshes) on the same meshes, and
+returns the fastest that fits: a few dozen simulator evaluations at most, no search moves.
 """
 from __future__ import annotations
 
@@ -143,6 +144,23 @@ def resolve(policy) -> Policy | None:
 
 
 MESHES_TRIED = 3  # the policy's plans are priced on the meshes it ranks this high
+BASELINES_TRIED = ("data_parallel", "fsdp", "megatron")  # priced beside its readings (megatron: 2-D)
+
+
+class _Counted:
+    """A simulator that counts its pricings; a strategy priced again is not priced twice."""
+
+    def __init__(self, sim):
+        self.sim, self.evaluations, self._seen = sim, 0, {}
+
+    def cost(self, strategy):
+        hit = self._seen.get(id(strategy))
+        if hit is not None and hit[0] is strategy:
+            return hit[1]
+        cost = self.sim.cost(strategy)
+        self.evaluations += 1
+        self._seen[id(strategy)] = (strategy, cost)
+        return cost
 
 
 def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit: float | None):
@@ -150,10 +168,18 @@ def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit:
     MESHES_TRIED meshes it ranks first (more where none fits), three readings of its scores are
     priced: its op options with its argument shardings (`Guide.strategy`), the same made
     consistent by propagation (`Guide.propagated`), and its argument shardings with op options
-    propagated as the annealer does; the fastest that fits is returned. A few simulator
-    evaluations, no search moves."""
+    propagated as the annealer does. Beside them the hand-written baselines are priced
+    (`baseline_strategy`): Megatron on those of these meshes that are 2-D, data parallel and FSDP
+    once per set of devices on every candidate mesh (a mesh of only the faster devices of a
+    mixed cluster may be ranked low), so the plan returned, the fastest that fits, is never slower
+    than data parallel or FSDP on any set of devices the planner considers. Simulator
+    evaluations, all counted in `evaluations`: 3 readings per mesh tried, 1-2 per baseline
+    (`baseline_strategy` prices both of its readings where they differ; the one it returns is
+    not priced again); benchmarks/POLICY.md gives the counts on its held-out cases. No
+    search moves."""
     import time
 
+    from tag_jax.baselines import baseline_strategy
     from tag_jax.cost import Simulator
     from tag_jax.search.anneal import SearchResult
     from tag_jax.search.propagate import carried_outputs
@@ -162,28 +188,45 @@ def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit:
     t0 = time.perf_counter()
     guides = sorted(policy.guide(graph, topology, meshes), key=lambda g: -g.mesh_logit)
     carried = carried_outputs(graph)
-    evaluations, best = 0, None
+    sims, best, seeds, devices_seen = [], None, {}, set()
+
+    def consider(cost, k, strategy, g, name):
+        fits = memory_limit is None or cost.peak_memory_bytes <= memory_limit
+        seeds[name] = min(seeds.get(name, math.inf), cost.step_time_s)
+        nonlocal best
+        if fits and (best is None or cost.step_time_s < best[0]):
+            best = (cost.step_time_s, k, strategy, cost, g, name)
+
     for k, g in enumerate(guides):
-        if k >= MESHES_TRIED and best is not None:
-            break
+        devices = frozenset(g.mesh.device_ids)
+        readings = k < MESHES_TRIED or best is None
+        if not readings and ("data_parallel", devices) in devices_seen:
+            continue  # past the top meshes only a set of devices not yet priced is visited
         ctx = g.context
-        sim = Simulator(graph, ctx.op_strategies, topology, g.mesh, carried=carried)
-        storage, _ = features.input_shardings(graph, ctx.groups, ctx.batch_sets, g.decision)
-        plain = features.propagated(graph, ctx.op_strategies, g.mesh, ctx.groups, ctx.batch_sets,
-                                    g.decision)
-        for j, strategy in enumerate((g.strategy(graph), g.propagated(graph),
-                                      Strategy(g.mesh, plain, storage, name="policy"))):
-            cost = sim.cost(strategy)
-            evaluations += 1
-            fits = memory_limit is None or cost.peak_memory_bytes <= memory_limit
-            if fits and (best is None or cost.step_time_s < best[0]):
-                best = (cost.step_time_s, k, strategy, cost, g)
+        sim = _Counted(Simulator(graph, ctx.op_strategies, topology, g.mesh, carried=carried))
+        sims.append(sim)
+        if readings:
+            storage, _ = features.input_shardings(graph, ctx.groups, ctx.batch_sets, g.decision)
+            plain = features.propagated(graph, ctx.op_strategies, g.mesh, ctx.groups, ctx.batch_sets,
+                                        g.decision)
+            for strategy in (g.strategy(graph), g.propagated(graph),
+                             Strategy(g.mesh, plain, storage, name="policy")):
+                consider(sim.cost(strategy), k, strategy, g, f"policy (mesh choice {k + 1})")
+        for kind in BASELINES_TRIED:
+            if kind == "megatron" and (len(g.mesh.shape) != 2 or not readings):
+                continue
+            # data parallel and FSDP use every axis alike: one mesh per set of devices says all
+            if kind != "megatron" and (kind, devices) in devices_seen:
+                continue
+            devices_seen.add((kind, devices))
+            strategy = baseline_strategy(kind, graph, ctx.op_strategies, g.mesh, simulator=sim,
+                                         memory_limit=memory_limit)
+            consider(sim.cost(strategy), k, strategy, g, f"{kind} (mesh choice {k + 1})")
     if best is None:
         return None
-    score, k, strategy, cost, g = best
-    name = f"policy (mesh choice {k + 1})"
+    score, k, strategy, cost, g, name = best
     decisions = {u.key: u.options[i] for u, i in zip(g.context.groups, g.decision)}
     strategy = dataclasses.replace(strategy, name=f"tag_jax ({name})")
-    return SearchResult(strategy=strategy, cost=cost, evaluations=evaluations,
-                        seconds=time.perf_counter() - t0, seeds={name: cost.step_time_s},
+    return SearchResult(strategy=strategy, cost=cost, evaluations=sum(s.evaluations for s in sims),
+                        seconds=time.perf_counter() - t0, seeds=seeds,
                         decisions=decisions, history=((time.perf_counter() - t0, score),))
