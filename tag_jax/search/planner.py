@@ -46,7 +46,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
            permute: bool = True, policy=None, memory_fraction: float | None = None) -> SearchResult:
     """`policy` (a `tag_jax.policy.Policy`, or None for an unguided search) adds its plan on every
     seeded mesh as one more seed and biases the annealing moves; with `time_budget_s <= 0` its plan
-    is returned alone (a few dozen simulator evaluations: `tag_jax.policy.guide.policy_plan`), when it fits in memory.
+    is returned alone (a few dozen simulator evaluations: `tag_jax.policy.guide.policy_plan`),
+    when it fits in memory.
 
     `memory_limit`: bytes per device for every mesh (None: no limit); or `memory_fraction`: each
     mesh's limit is that fraction of the smallest memory among its own devices (a mesh of only the
