@@ -187,37 +187,21 @@ Notes:
   sub-groups; mode `spmd`: the group's own data-parallel SPMD program, collectives as the simulator
   prices them, plus the same gather), `combine` = the combining program, `one` = mode "one"'s single
   program (the peeled last microbatch's all-reduce; the update inside it).
-- Mode `one` (gpt2-small, bert-base on tag-hetero): a modelling mismatch, not a CPU artefact. The
-  compiled program is a shard_map whose only collectives are the psums of every gradient and metric
-  leaf: one all-reduce of all of them (gpt2-small: 497,759,236 B). The prediction
-  (`tag_jax.uneven.one._priced`: `comm_bytes_by_kind` of `one.last_cost`) is the simulator's
-  data-parallel GSPMD strategy (`baselines.baseline_strategy("data_parallel")`, op options by
-  `propagate`) at the microbatch, which reduces the (tied) token embedding's gradient by a
-  reduce-scatter plus all-gather and adds an all-to-all and other gathers that the shard_map program
-  never does: predicted all-reduce = all leaves less the embedding (gpt2: 497,759,236 - 154,389,504
-  = 343,369,732; bert: less its embedding tables, 93,769,724 B). Where the strategy all-reduces every
-  gradient (vgg-19's one program) the prediction is exact. t5-base: the strategy's extra collectives
-  (an all-gather, an all-to-all, 61,731,840 B more all-reduce than all the leaves) are predicted, the
-  program has none of them. Fix (in one.py, outside this change):
-  predict {"all-reduce": sum(pricer.combined_bytes)} for the one program (and price its
-  communication as that all-reduce).
-- Mode `spmd` with one sub-group per group (|g| = L = 4: gpt2-small, bert-base on 4xa100-4xv100): a
-  modelling mismatch, not a CPU artefact. `tag_jax.uneven.search._priced` turns the simulator's
-  all-reduce of every sharded gradient leaf into a reduce-scatter of 1/L (XLA keeps only this
-  device's chunk), but the data-parallel strategy already reduce-scatters the tied embedding's
-  gradient (gpt2: 38,597,376 B = 154,389,504 / 4), so subtracting all sharded leaves (497,759,232 B)
-  from its all-reduce (343,369,732 B) goes negative (vit-b16, no tied embedding: exact); and XLA
-  all-gathers that gradient whole again before the chunk is sliced (compiled all-gather = the
-  parameter gather + the simulator's own all-gathers + 157,535,232 B, gpt2's two embedding
-  tables), which is not predicted (moe-base, t5-base: their 32000 / 32128 x 768 embedding likewise,
-  L = 2 for moe's 2-device groups; recommender-real: its 8.9 GB of embedding tables, gathered whole
-  again, compiled all-gather 2x the predicted).
-  The unpredicted all-gather also shows where a group has several sub-groups (moe-base's
-  1080ti@node1, 4 devices, L = 2: all-gather 0.926, the rest exact): the data-parallel strategy of
-  `group_spmd.group_strategy` leaves that gradient reduce-scattered, the simulator prices no
-  gather of it to the whole gradient the group program returns, and XLA gathers it. Fix (in
-  search.py, outside this change): move to reduce-scatter only the leaves the strategy all-reduces,
-  and add the all-gather of the leaves it reduce-scatters. The combine of these plans matches exactly.
+- Mode `one`: the compiled program is a shard_map whose only collectives are the psums of every
+  gradient and metric leaf, one all-reduce of all of them (gpt2-small: 497,759,236 B), and that is
+  what `tag_jax.uneven.one` predicts and prices (one all-reduce per leaf as the peeled last
+  microbatch's backward produces it). Until 2026-12-01 it took the simulator's data-parallel GSPMD
+  strategy at the microbatch instead, which reduce-scatters and gathers the tied embedding's
+  gradient and adds an all-to-all the program never runs (gpt2 all-reduce 0.690, bert 0.786).
+- Mode `spmd` (each group its own data-parallel SPMD program): the program returns every gradient
+  whole; where the data-parallel strategy leaves one sharded (gpt2's tied embedding: the
+  scatter-add half of its gradient comes sharded on the hidden dimension; bert/t5/moe embeddings,
+  recommender-real's 8.9 GB of tables), XLA all-gathers it back, and `group_spmd.group_strategy`
+  prices that gather (each result carried back to a replicated input of its shape). With one
+  sub-group per group (|g| = L) XLA keeps only this device's chunk of each all-reduced gradient, a
+  reduce-scatter; `tag_jax.uneven.search._priced` moves to reduce-scatter only the results the
+  strategy all-reduces at the end (before 2026-12-01 it subtracted every sharded leaf, and the
+  all-reduce went negative: gpt2 -49x, recommender's reduce-scatter 1588x).
 - Mode `rows` (resnet-50): the group programs' all-gather is 0.2% below the prediction: the
   prediction gathers every sharded input leaf, BatchNorm's running statistics included; in training
   mode they are not read, so XLA drops their gathers (dead code). Within the bound; not widened.

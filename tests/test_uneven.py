@@ -116,6 +116,59 @@ def test_spmd_group_programs_exact_and_faithful(groups, local):
     assert "SPMD program per group" in plan.summary()
 
 
+def _tied_problem(n=64, V=512, D=64, T=32):
+    """A token embedding used twice (gathered, and tied as the output layer), the zoo's step shape
+    (inputs {"params": ...}): at this size the data-parallel strategy reduce-scatters the
+    embedding's gradient (its scatter-add half comes sharded on the hidden dimension), as it does
+    gpt2's at real size (benchmarks/UNEVEN_FIDELITY.md)."""
+    def loss(params, batch):
+        h = jnp.tanh((params["emb"][batch["tok"]] + params["pos"]) @ params["w"])
+        logits = h @ params["emb"].T
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), {}
+
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {"emb": jax.random.normal(k[0], (V, D)) * 0.3, "pos": jax.random.normal(k[1], (T, D)) * 0.3,
+              "w": jax.random.normal(k[2], (D, D)) * 0.3}
+    batch = {"tok": np.asarray(jax.random.randint(k[3], (n, T), 0, V)),
+             "y": np.asarray(jax.random.randint(k[4], (n, T), 0, V))}
+    tx = optax.sgd(0.1)
+
+    def grad_fn(inputs, batch):
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(inputs["params"], batch)
+        return grads, {"loss": value, **metrics}
+
+    def apply_fn(state, grads):
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                "step": state["step"] + 1}
+
+    step = uneven.UnevenStep(grad_fn, apply_fn, inputs=lambda s: {"params": s["params"]}, name="tied")
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    return step, state, batch
+
+
+@pytest.mark.parametrize("local", [4, 2])
+def test_spmd_group_program_with_reduce_scattered_gradient_faithful(local):
+    """The group strategy leaves the tied embedding's gradient reduce-scattered; the group program
+    returns it whole, so XLA gathers it back (priced), and with one sub-group per group (local =
+    |g|) only the leaves the strategy all-reduces become reduce-scatters (the embedding's was no
+    all-reduce: the prediction went negative)."""
+    step, state, batch = _tied_problem()
+    topo = tag_jax.Topology.detect()
+    gs = (uneven.Group("a", "cpu", (0, 1, 2, 3)), uneven.Group("b", "cpu", (4, 5, 6, 7)))
+    plan = uneven.plan_uneven(step, state, batch, topo, groups=gs, local=local, group_program="spmd")
+    program = uneven.UnevenProgram(step, plan)
+    predicted = program.predicted_collectives()
+    compiled = program.compiled(state, batch)
+    emb = 4 * 512 * 64
+    params_gather = 4 * (512 * 64 + 32 * 64 + 64 * 64)  # every weight sharded in the layout
+    assert predicted["group a"]["reduce-scatter"] > 0
+    assert predicted["group a"]["all-gather"] >= params_gather + emb  # the embedding gathered back
+    for name, c in compiled.items():
+        real = {k: v for k, v in collective_bytes_by_kind(collectives(c)).items() if v}
+        assert real == predicted[name], name
+
+
 def test_shares_two_groups_closed_form():
     # t_1 = n_1 * 1 ms, t_2 = n_2 * 3 ms, n_1 + n_2 = 64: balanced at n_1 = 48, n_2 = 16 (T = 48 ms)
     sol = solve_shares([GroupModel("fast", 0.0, 1e-3), GroupModel("slow", 0.0, 3e-3)], 64)

@@ -14,7 +14,7 @@ from tag_jax.hlo import collective_bytes_by_kind, collectives
 from tag_jax.uneven import one
 from tag_jax.uneven.plan import GroupShare, UnevenPlan
 
-from test_uneven import _hetero_cpu_topology, _problem, assert_two_steps_match
+from test_uneven import _hetero_cpu_topology, _problem, _tied_problem, assert_two_steps_match
 
 GRADS_BYTES = 4 * (16 * 32 + 32 + 32 * 8 + 2)  # the toy's gradients and two metrics, float32
 
@@ -136,6 +136,27 @@ def test_one_mode_plan_priced_and_faithful():
     ref, _ = jax.jit(step.reference)(state, batch)
     np.testing.assert_allclose(np.asarray(new["params"]["w1"]), np.asarray(ref["params"]["w1"]),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_one_mode_predicts_its_single_all_reduce():
+    """The one program's only collectives are the psums of every gradient and metric leaf: on a
+    model whose data-parallel GSPMD strategy reduce-scatters and gathers a tied embedding's
+    gradient (and moves activations by all-to-all), the prediction is still that one all-reduce."""
+    step, state, batch = _tied_problem(256)
+    topo = _hetero_cpu_topology()
+    pricer = uneven.Pricer(step, state, batch, topo)
+    # microbatches of 8: the strategy at which the old prediction (its collectives) was wrong
+    plan = uneven.plan_uneven(step, state, batch, topo, groups=_fixed_groups(), group_program="one",
+                              pricer=pricer, microbatch=8)
+    assert plan.combine_kinds == {"all-reduce": sum(pricer.combined_bytes)}
+    program = uneven.UnevenProgram(step, plan)
+    real = {k: v for k, v in collective_bytes_by_kind(collectives(program.compiled(state, batch)["one program"])).items()
+            if v}
+    assert real == program.predicted_collectives()["one program"]
+    # priced as those all-reduces, overlapped with the backward pass
+    c = one.last_cost(pricer, plan.microbatch, plan.device_ids, 0)
+    assert c.comm_bytes_by_kind == {"all-reduce": sum(pricer.combined_bytes)}
+    assert c.comm_s > 0 and c.step_time_s < c.compute_s + c.comm_s
 
 
 def test_search_considers_one_mode_and_picks_fastest():

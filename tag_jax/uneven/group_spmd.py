@@ -39,8 +39,8 @@ def group_strategy(graph, topology, group: Group, local: int) -> GroupStrategy:
     """The group's SPMD strategy for `graph` (gradients at the group's share) and its cost."""
     from tag_jax import rules
     from tag_jax.cost import Simulator
-    from tag_jax.baselines import baseline_strategy
-    from tag_jax.strategy import MeshSpec
+    from tag_jax.baselines import baseline_strategy, input_shardings
+    from tag_jax.strategy import MeshSpec, TensorSharding
 
     # axes of size 1 left out (the simulator would price moving data between ("data", "local") and
     # ("local",) layouts that are the same on the devices); the program's jax mesh keeps both
@@ -49,8 +49,21 @@ def group_strategy(graph, topology, group: Group, local: int) -> GroupStrategy:
     ops = rules.for_graph(graph, mesh.axes)
 
     # the data-parallel baseline's strategy (`tag_jax.baselines`): batch split over both axes,
-    # parameters whole, op options by `propagate`, gradients all-reduced over the group
-    sim = Simulator(graph, ops, topology, mesh)
+    # parameters whole, op options by `propagate`, gradients all-reduced over the group. The group
+    # program returns every result whole (`UnevenProgram._spmd_group_program`), but the baseline
+    # may leave a gradient sharded (it reduce-scatters gpt2's tied embedding at real size: the
+    # scatter-add half of that gradient comes sharded on the hidden dimension, so asking
+    # `propagate` for the result whole changes nothing), and XLA then all-gathers it back. So the
+    # simulator carries each result back to a replicated input of its shape (the parameters, whole
+    # in data parallel): a result left sharded is priced as that all-gather.
+    ins = input_shardings("data_parallel", graph, mesh)
+    whole = [i for i, s in zip(graph.inputs, ins) if s == TensorSharding.replicated(len(s.dims))]
+    carried = {}
+    for o in graph.outputs:
+        i = next((i for i in whole if graph.tensors[i].shape == graph.tensors[o].shape), None)
+        if i is not None and graph.tensors[o].producer is not None:
+            carried[o] = i
+    sim = Simulator(graph, ops, topology, mesh, carried=carried)
     strategy = baseline_strategy("data_parallel", graph, ops, mesh, simulator=sim)
     strategy = dataclasses.replace(strategy, name=f"group {group.name} (data parallel)")
     cost = sim.cost(strategy)

@@ -16,11 +16,11 @@ Pricing, per device of kind g (every device of a group has the same count c_g):
 
     t_g(m)     the loop body (`grad_fn` at m examples plus the accumulation), the simulator's cost
                on one device of kind g, traced at m (no scaling of op times)
-    last_g(m)  the simulator's cost of `grad_fn` as a data-parallel program over ALL the plan's
-               devices at m examples each (`baselines.baseline_strategy("data_parallel")`, the
-               gradient all-reduce over the real links, overlapped with the backward pass by the
-               simulator's schedule, as the "spmd" group programs are), on a copy of the topology
-               in which every device is of kind g (`as_kind`), plus the accumulation's add
+    last_g(m)  `grad_fn` at m examples on one device of kind g (the simulator's cost), with the
+               program's only collectives, one all-reduce of each gradient and metric leaf over
+               ALL the plan's devices (real links), each started when its leaf is produced and
+               so overlapped with the rest of the backward pass (`last_cost`), plus the
+               accumulation's add
 
 The step is the slowest device's time plus the update (`Pricer.apply_probe`, replicated). Pricing
 the last microbatch "as if every device were of kind g" is the documented approximation: the
@@ -42,6 +42,7 @@ import math
 from typing import Sequence
 
 import jax
+import numpy as np
 from tag_jax.uneven.groups import Group
 from tag_jax.uneven.plan import GroupShare, UnevenPlan
 from tag_jax.uneven.price import Pricer, Probe, UnevenError, _replicated_cost, batch_at
@@ -63,17 +64,6 @@ def microbatch_sizes(n: int, devices: int, most: int = MAX_MICROBATCH_SIZES) -> 
             out.append(m)
         target /= 2
     return tuple(out)
-
-
-def as_kind(topology, device_id: int):
-    """The topology with every device given the compute figures of `device_id`'s kind (same ids,
-    nodes and links)."""
-    k = topology.device(device_id)
-    devices = tuple(dataclasses.replace(d, kind=k.kind, flops=k.flops, flops_fp32=k.flops_fp32,
-                                        memory=k.memory, memory_bandwidth=k.memory_bandwidth,
-                                        flops_fp32_matmul=k.flops_fp32_matmul)
-                    for d in topology.devices)
-    return dataclasses.replace(topology, devices=devices, name=f"{topology.name} (all {k.kind})")
 
 
 def _memo(pricer: Pricer) -> dict:
@@ -112,32 +102,31 @@ def body_probe(pricer: Pricer, m: int, device_id: int) -> Probe:
 
 
 def last_cost(pricer: Pricer, m: int, device_ids: Sequence[int], kind_of: int):
-    """The simulator's `Cost` of the last microbatch: `grad_fn` data-parallel over `device_ids` at
-    m examples each, its gradient all-reduce overlapped with the backward pass, every device of
-    `kind_of`'s kind (see the module docstring)."""
-    from tag_jax import rules
-    from tag_jax.baselines import baseline_strategy
-    from tag_jax.cost import Simulator
-    from tag_jax.strategy import MeshSpec
-
+    """The `Cost` of the last microbatch on a device of `kind_of`'s kind: `grad_fn` at m examples
+    on the device alone (the simulator's replicated cost), then one all-reduce of every gradient
+    and metric leaf over `device_ids`, each starting when the backward pass has produced its leaf,
+    one at a time in that order (the simulator's communication stream), so overlapped with the
+    rest of the backward pass. The compiled shard_map program has only these psums: the
+    data-parallel GSPMD strategy priced before added collectives it never does (a reduce-scatter
+    and gather of an embedding's gradient, all-to-alls: benchmarks/UNEVEN_FIDELITY.md)."""
     memo = _memo(pricer)
     ids = tuple(device_ids)
     d = pricer.topology.device(kind_of)
     key = ("last", m, ids, d.kind, d.flops, d.flops_fp32, d.matmul_flops_fp32, d.memory_bandwidth)
     if key in memo:
         return memo[key]
-    base = memo.get(("dp", m, ids))
-    if base is None:
-        graph = pricer.local_graph(m * len(ids))
-        mesh = MeshSpec((len(ids),), ("data",), ids)
-        ops = rules.for_graph(graph, mesh.axes)
-        sim = Simulator(graph, ops, pricer.topology, mesh)
-        strategy = baseline_strategy("data_parallel", graph, ops, mesh, simulator=sim)
-        base = memo[("dp", m, ids)] = (graph, ops, mesh, strategy, sim)
-    graph, ops, mesh, strategy, sim = base
-    # the per-graph precomputation is shared; the compute table is keyed by the devices' rates
-    sim_k = Simulator(graph, ops, as_kind(pricer.topology, kind_of), mesh, _shared=sim._sh)
-    memo[key] = sim_k.cost(strategy)
+    graph = pricer.local_graph(m)
+    cost = _replicated_cost(graph, pricer.topology, kind_of, per_op=True)
+    done = np.cumsum([c for _, c, _ in cost.per_op])  # ops run in program order
+    ready = sorted((float(done[graph.tensors[t].producer]) if graph.tensors[t].producer is not None else 0.0,
+                    graph.tensors[t].nbytes) for t in graph.outputs)
+    free, comm_s, nbytes = 0.0, 0.0, 0
+    for at, b in ready if len(ids) > 1 else ():
+        dt = pricer.topology.collective_time("all-reduce", b, ids)
+        free, comm_s, nbytes = max(free, at) + dt, comm_s + dt, nbytes + b
+    memo[key] = dataclasses.replace(cost, step_time_s=max(cost.compute_s, free), comm_s=comm_s,
+                                    comm_bytes=nbytes, comm_bytes_by_kind={"all-reduce": nbytes},
+                                    per_op=None, reshards=None)
     return memo[key]
 
 
@@ -204,7 +193,8 @@ def _priced(pricer: Pricer, chosen: tuple[Group, ...], limits: dict, n: int, m: 
     apply = [pricer.apply_probe(i, 1) for i in first]
     if any(a.peak_memory_bytes > limits[g.name] for g, a in zip(chosen, apply)):
         return None
-    kinds = {k: int(v) for k, v in last[0].comm_bytes_by_kind.items() if v} if len(ids) > 1 else {}
+    # the program's only collective: the psum of every gradient and metric leaf
+    kinds = {"all-reduce": sum(pricer.combined_bytes)} if len(ids) > 1 else {}
     shares = tuple(GroupShare(g, k, t, slowest - t, p, (), None,
                               exposed_s=max(0.0, c.step_time_s - c.compute_s))
                    for g, k, t, p, c in zip(chosen, sol.shares, times, peaks, last))

@@ -218,8 +218,8 @@ class Pricer:
         return self._apply[key]
 
 
-def _replicated_cost(graph, topology, device_id: int):
-    """The simulator's cost of the graph run whole on one device."""
+def _replicated_cost(graph, topology, device_id: int, per_op: bool = False):
+    """The simulator's cost of the graph run whole on one device (`per_op`: with op times)."""
     from tag_jax import rules
     from tag_jax.cost import Simulator
     from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
@@ -229,7 +229,7 @@ def _replicated_cost(graph, topology, device_id: int):
     strategy = Strategy(mesh, (0,) * len(graph.ops),
                         tuple(TensorSharding.replicated(len(graph.tensors[t].shape)) for t in graph.inputs),
                         name="replicated")
-    return Simulator(graph, ops, topology, mesh).cost(strategy)
+    return Simulator(graph, ops, topology, mesh).cost(strategy, per_op=per_op)
 
 
 def _nbytes(tree) -> int:

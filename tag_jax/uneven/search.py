@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-
-import jax
 from typing import Any, Sequence
 
 from tag_jax.uneven.groups import Group, check_groups, device_groups
@@ -148,9 +146,13 @@ def _priced(pricer: Pricer, chosen, models, limits, n: int, topology, local: int
             kinds_g = {a: int(v) for a, v in gs.cost.comm_bytes_by_kind.items() if v}
             if g.size == local > 1:
                 # one sub-group: the group's all-reduce of a gradient feeds only this device's
-                # chunk of it, which XLA compiles as a reduce-scatter (priced as the all-reduce)
-                cut = sum(layout.nbytes(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(pricer.combined)
-                          if layout.shard_dim(x.shape, local) is not None)
+                # chunk of it, which XLA compiles as a reduce-scatter (priced as the all-reduce).
+                # Only the results the strategy all-reduces at the end (left partial, whole): one
+                # it reduced otherwise (gpt2's tied embedding, reduce-scattered and gathered back,
+                # `group_spmd`) is no all-reduce to move, subtracting it went negative
+                cut = sum(gs.graph.tensors[t].nbytes for t in gs.graph.outputs
+                          if layout.shard_dim(gs.graph.tensors[t].shape, local) is not None
+                          and _left_partial(gs, t))
                 kinds_g["all-reduce"] = kinds_g.get("all-reduce", 0) - cut
                 kinds_g["reduce-scatter"] = kinds_g.get("reduce-scatter", 0) + cut // local
                 kinds_g = {a: v for a, v in kinds_g.items() if v}
@@ -166,3 +168,14 @@ def _priced(pricer: Pricer, chosen, models, limits, n: int, topology, local: int
         combine_bytes=sum(kinds.values()), apply_s=max(a.time_s for a in apply),
         relaxed=sol.relaxed, local=local, gather_pairs=() if spmd else tuple(sorted(gather.items())),
         combine_pairs=tuple(sorted(kinds.items())))
+
+
+def _left_partial(gs, tid: int) -> bool:
+    """Does the group strategy leave graph result `tid` an unreduced sum, whole (all-reduced at the
+    end of the program)?"""
+    p = gs.graph.tensors[tid].producer
+    if p is None:
+        return False
+    op = gs.graph.ops[p]
+    s = gs.ops[p][gs.strategy.choices[p]].outputs[op.outputs.index(tid)]
+    return bool(s.partial) and not s.axes
