@@ -91,19 +91,11 @@ def propagate(graph: OpGraph, op_strategies: Sequence[Sequence[OpStrategy]], mes
     bonus: dict[int, tuple[float, ...]] = {}  # prefer(op, option) per op, asked once
     answers: dict[tuple, list[tuple]] = {}  # keys() by what they depend on
 
-    by_value: dict[tuple[TensorSharding, TensorSharding], float] = {}
-
     def factor(src: TensorSharding, dst: TensorSharding) -> float:
         k = (id(src), id(dst))
         f = factors.get(k)
         if f is None:
-            # equal shardings of different ops' option lists are different objects: by value
-            # the answer is mostly known (resnet-50: 97% of the identity misses)
-            v = (src, dst)
-            f = by_value.get(v)
-            if f is None:
-                f = by_value[v] = reshard_bytes(src, dst, 1.0, axes)
-            factors[k] = f
+            f = factors[k] = reshard_bytes(src, dst, 1.0, axes)
         return f
 
     known = factors.get

@@ -43,7 +43,6 @@ class OneProgram:
 
     def __init__(self, step: UnevenStep, plan: UnevenPlan, *, devices=None,
                  compiler_options: Mapping[str, Any] | None = None):
-
         check_plan(plan)
         devices = plan_devices(plan, devices)
         self.step, self.plan = step, plan
