@@ -135,8 +135,10 @@ def ceiling(step: uneven.UnevenStep, ex, topo) -> tuple[dict[str, float], float,
     return per_kind, total / (count[fastest] / per_kind[fastest]), total / (sum(count.values()) / slowest)
 
 
-FIDELITY_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-FIDELITY_BOUND = 0.10
+# the SPMD fidelity benchmark's kinds, bound and ratio cells (benchmarks/fidelity.py; importing it
+# also asks for 8 CPU devices, which the simulator-only runs do not use)
+from fidelity import COMM_BOUND as FIDELITY_BOUND, KINDS as FIDELITY_KINDS  # noqa: E402
+from fidelity import _outside, _ratio as ratio_text  # noqa: E402
 
 
 def _program_label(name: str) -> str:
@@ -164,18 +166,6 @@ def fidelity_cells(step: uneven.UnevenStep, ex, plan) -> tuple[list[tuple[str, s
                 mine.append((k, int(pred.get(k, 0)), int(real.get(k, 0))))
         cells += [(_program_label(name), k, p, r) for k, p, r in mine] or [(_program_label(name), "none", 0, 0)]
     return cells, time.perf_counter() - t0
-
-
-def outside(pred: int, real: int) -> bool:
-    if real == 0:
-        return pred > 0
-    return abs(pred / real - 1) > FIDELITY_BOUND
-
-
-def ratio_text(pred: int, real: int) -> str:
-    if pred == real == 0:
-        return "="
-    return f"{pred / real:.3f}" if real else "inf"
 
 
 FIDELITY_NOTES = """\
@@ -273,7 +263,7 @@ def main() -> None:
                 fid_worst[role] = max(fid_worst.get(role, 0.0), dev)
             fid_lines.append(f"| {name}-{size} | {topo_name} | {prog} | {kind} | {pr:,} | {real:,} | "
                              f"{ratio_text(pr, real)} |")
-            if outside(pr, real):
+            if _outside(kind, pr, real):
                 fid_outside.append(f"{name}-{size}/{topo_name} {prog} {kind} {ratio_text(pr, real)}")
             print(fid_lines[-1], flush=True)
         print(f"# compiled {name}-{size} on {topo_name} ({mode}) in {dt:.0f} s", flush=True)
