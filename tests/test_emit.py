@@ -427,6 +427,40 @@ def test_batched_dot_with_swapped_axes_is_emitted_correctly():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_batched_dot_whose_consumers_disagree_is_reduced_where_it_is_made():
+    """The same partial batched dot_general read by two ops that want it in different layouts:
+    no single reduced layout is pinned, so emission reduces it where it is made
+    (`program._batched_dot`); left to XLA the cosine comes out wrong (max error 2.0 measured
+    with that branch off, jax 0.10.2), so this fails without it."""
+    import jax.numpy as jnp
+
+    from tag_jax import rules
+    from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
+
+    def f(a, b):
+        d = jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))))
+        return jnp.sin(d), jnp.cos(d)
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+    graph = tag_jax.trace(f, a, b)
+    mesh = MeshSpec((2, 4), ("x", "y"), tuple(range(8)))
+    ops = rules.for_graph(graph, mesh.axes)
+    operand = TensorSharding((("y",), ("x",), ()))
+    to_sin = TensorSharding((("x",), ("y",), ()))
+    to_cos = TensorSharding(((), ("y",), ("x",)))
+    picks = (next(k for k, s in enumerate(ops[0]) if s.inputs == (operand, operand)),
+             next(k for k, s in enumerate(ops[1]) if s.inputs == (to_sin,)),
+             next(k for k, s in enumerate(ops[2]) if s.inputs == (to_cos,)))
+    assert ops[0][picks[0]].outputs[0].partial == ("x",)
+    strategy = Strategy(mesh, picks, (operand, operand), name="disagreeing consumers")
+    sin, cos = emit(graph, strategy, ops)(a, b)
+    d = np.einsum("bkm,bkn->bmn", a, b)
+    np.testing.assert_allclose(np.asarray(sin), np.sin(d), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cos), np.cos(d), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.xfail("-fast-isel=false" not in os.environ.get("XLA_FLAGS", ""),
                    strict=True, reason=(
     "XLA:CPU at xla_backend_optimization_level=0 (models.fast_compile_options) codegens some "
