@@ -396,18 +396,18 @@ def test_data_parallel_and_fsdp_compile_to_the_predicted_collectives():
     assert kinds["fsdp"]["all-reduce"] == 8
 
 
-def test_batched_dot_with_swapped_axes_is_emitted_correctly():
-    """A strategy that XLA's SPMD partitioner miscompiles when left to choose the layout of a
-    partial batched dot_general itself (jax 0.10.2, GSPMD and Shardy alike): operands split
-    (batch over y, contraction over x), the consumer wants (batch over x, rows over y).
-    Emission pins the partial result where it is reduced, so the values are right."""
+def _swapped_batched_dot(consumers):
+    """A partial batched dot_general of two (8, 16, 8) arrays on a (2, 4) mesh, operands split
+    batch over y and contraction over x, read by `consumers` (jnp functions), each wanting the
+    result in its own layout: (graph, ops, strategy, (a, b), the dot's value)."""
     import jax.numpy as jnp
 
     from tag_jax import rules
     from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
 
     def f(a, b):
-        return jnp.sin(jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,)))))
+        d = jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))))
+        return tuple(fn(d) for fn, _ in consumers)
 
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
@@ -416,15 +416,24 @@ def test_batched_dot_with_swapped_axes_is_emitted_correctly():
     mesh = MeshSpec((2, 4), ("x", "y"), tuple(range(8)))
     ops = rules.for_graph(graph, mesh.axes)
     operand = TensorSharding((("y",), ("x",), ()))
-    wanted = TensorSharding((("x",), ("y",), ()))
-    dot, sin = graph.ops
-    pick_dot = next(k for k, s in enumerate(ops[0]) if s.inputs == (operand, operand))
-    pick_sin = next(k for k, s in enumerate(ops[1]) if s.inputs == (wanted,))
-    assert ops[0][pick_dot].outputs[0].partial == ("x",)
-    strategy = Strategy(mesh, (pick_dot, pick_sin), (operand, operand), name="swapped")
-    got = emit(graph, strategy, ops)(a, b)
-    np.testing.assert_allclose(np.asarray(got), np.sin(np.einsum("bkm,bkn->bmn", a, b)),
-                               rtol=1e-5, atol=1e-5)
+    picks = [next(k for k, s in enumerate(ops[0]) if s.inputs == (operand, operand))]
+    picks += [next(k for k, s in enumerate(ops[i]) if s.inputs == (TensorSharding(dims),))
+              for i, (_, dims) in enumerate(consumers, start=1)]
+    assert ops[0][picks[0]].outputs[0].partial == ("x",)
+    strategy = Strategy(mesh, tuple(picks), (operand, operand), name="swapped")
+    return graph, ops, strategy, (a, b), np.einsum("bkm,bkn->bmn", a, b)
+
+
+def test_batched_dot_with_swapped_axes_is_emitted_correctly():
+    """A strategy that XLA's SPMD partitioner miscompiles when left to choose the layout of a
+    partial batched dot_general itself (jax 0.10.2, GSPMD and Shardy alike): operands split
+    (batch over y, contraction over x), the consumer wants (batch over x, rows over y).
+    Emission pins the partial result where it is reduced, so the values are right."""
+    import jax.numpy as jnp
+
+    graph, ops, strategy, args, d = _swapped_batched_dot([(jnp.sin, (("x",), ("y",), ()))])
+    (got,) = emit(graph, strategy, ops)(*args)
+    np.testing.assert_allclose(np.asarray(got), np.sin(d), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_dot_whose_consumers_disagree_is_reduced_where_it_is_made():
@@ -434,29 +443,9 @@ def test_batched_dot_whose_consumers_disagree_is_reduced_where_it_is_made():
     with that branch off, jax 0.10.2), so this fails without it."""
     import jax.numpy as jnp
 
-    from tag_jax import rules
-    from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
-
-    def f(a, b):
-        d = jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))))
-        return jnp.sin(d), jnp.cos(d)
-
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
-    graph = tag_jax.trace(f, a, b)
-    mesh = MeshSpec((2, 4), ("x", "y"), tuple(range(8)))
-    ops = rules.for_graph(graph, mesh.axes)
-    operand = TensorSharding((("y",), ("x",), ()))
-    to_sin = TensorSharding((("x",), ("y",), ()))
-    to_cos = TensorSharding(((), ("y",), ("x",)))
-    picks = (next(k for k, s in enumerate(ops[0]) if s.inputs == (operand, operand)),
-             next(k for k, s in enumerate(ops[1]) if s.inputs == (to_sin,)),
-             next(k for k, s in enumerate(ops[2]) if s.inputs == (to_cos,)))
-    assert ops[0][picks[0]].outputs[0].partial == ("x",)
-    strategy = Strategy(mesh, picks, (operand, operand), name="disagreeing consumers")
-    sin, cos = emit(graph, strategy, ops)(a, b)
-    d = np.einsum("bkm,bkn->bmn", a, b)
+    graph, ops, strategy, args, d = _swapped_batched_dot([(jnp.sin, (("x",), ("y",), ())),
+                                                          (jnp.cos, ((), ("y",), ("x",)))])
+    sin, cos = emit(graph, strategy, ops)(*args)
     np.testing.assert_allclose(np.asarray(sin), np.sin(d), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cos), np.cos(d), rtol=1e-5, atol=1e-5)
 
