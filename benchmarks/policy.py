@@ -1,11 +1,15 @@
 """The learned policy on models and topologies it never saw in training (predicted step times).
 
 Usage: python benchmarks/policy.py [--budget-s 4] [--evals 60] [--out benchmarks/POLICY.md]
+                                  [--held-out {toy,medium}]
        python benchmarks/policy.py --compare A.npz B.npz   # (c): two weight files, zero-shot
 
 Held out (see tag_jax.policy.zoo): the t5 and resnet families, which training never draws, and a
 3-layer gpt2 and a 6-layer mlp of sizes outside the training grid; the presets tag-hetero,
 4xa100-4xv100, tpu-v4-2x2x2 (a torus, unlike any training topology) and 2x8-v100-p3.
+`--held-out medium` swaps the models for `zoo.HELD_OUT_MEDIUM` (same families, larger batch and
+width, so that compute per device matters and the replicated plan is not near-best); the
+topologies are the same.
 
 (a) zero-shot: the policy's plan alone (`search(..., time_budget_s=0, policy=...)`: features, one
     network call over every candidate mesh, three readings of its scores and the hand-written
@@ -43,13 +47,16 @@ from tag_jax.search.anneal import anneal_ops, candidate_meshes
 from tag_jax.search.planner import replicated_strategy, search
 
 
-def held_out():
-    """(label, graph, topology name, topology) for every held-out case."""
-    for name, size, cfg in zoo.HELD_OUT_MODELS:
+HELD_OUT_SETS = {"toy": zoo.HELD_OUT_MODELS, "medium": zoo.HELD_OUT_MEDIUM}
+
+
+def held_out(which: str = "toy"):
+    """(label, graph, topology name, topology) for every held-out case of the set `which`."""
+    for name, size, cfg in HELD_OUT_SETS[which]:
         ex = models.get(name, size, **cfg)
         graph = tag_jax.trace(ex.step, ex.state, ex.batch)
-        label = f"{name} " + (",".join(f"{k}={v}" for k, v in cfg.items()) if name in ("gpt2", "mlp")
-                              else size)
+        label = f"{name} " + (",".join(f"{k}={v}" for k, v in cfg.items())
+                              if name in ("gpt2", "mlp") or which != "toy" else size)
         for tname in zoo.HELD_OUT_TOPOLOGIES:
             yield label, graph, tname, tag_jax.Topology.preset(tname)
 
@@ -118,6 +125,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=4.0)
     ap.add_argument("--evals", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/POLICY.md")
+    ap.add_argument("--held-out", choices=tuple(HELD_OUT_SETS), default="toy",
+                    help="the held-out model set: toy (zoo.HELD_OUT_MODELS) or medium "
+                         "(zoo.HELD_OUT_MEDIUM); the topologies are the same")
     ap.add_argument("--weights", default=None, help="weights to test (default: the shipped ones)")
     ap.add_argument("--only", default=None, metavar="TEXT",
                     help="only the cases whose 'model topology' contains TEXT (a timing check)")
@@ -125,10 +135,10 @@ def main(argv=None) -> None:
                     help="only compare two weight files' zero-shot plans on the held-out cases")
     args = ap.parse_args(argv)
     if args.compare:
-        return compare(*args.compare)
+        return compare(*args.compare, which=args.held_out)
     policy = Policy.load(args.weights) if args.weights else Policy.load()
     rows = []
-    for label, graph, tname, topo in held_out():
+    for label, graph, tname, topo in held_out(args.held_out):
         if args.only is not None and args.only not in f"{label} {tname}":
             continue
         ids = list(topo.ids)
@@ -158,11 +168,11 @@ def main(argv=None) -> None:
     write(rows, args, policy)
 
 
-def compare(a: str, b: str) -> None:
-    """(c): the zero-shot plans of two weight files on every held-out case."""
+def compare(a: str, b: str, which: str = "toy") -> None:
+    """(c): the zero-shot plans of two weight files on every held-out case of the set `which`."""
     pa, pb = Policy.load(a), Policy.load(b)
     ratios = []
-    for label, graph, tname, topo in held_out():
+    for label, graph, tname, topo in held_out(which):
         ta = zero_shot(pa, graph, topo)[0]
         tb = zero_shot(pb, graph, topo)[0]
         ratios.append(tb / ta)
@@ -178,15 +188,19 @@ def write(rows, args, policy) -> None:
     speed = [r["plain_reach"] / r["guided_reach"] for r in rows]
     equal = [r["guided_best"] / r["plain_best"] for r in rows]
     kept = sum(not r["policy_plan"].startswith("tag_jax (policy") for r in rows)  # a baseline's plan
+    which = args.held_out
+    flag = "" if which == "toy" else f" --held-out {which}"
+    models_var = "HELD_OUT_MODELS" if which == "toy" else f"HELD_OUT_{which.upper()}"
     lines = [
-        "# The learned policy on held-out models and topologies",
+        f"# The learned policy on held-out models and topologies ({which} held-out set)",
         "",
-        f"Command: `python benchmarks/policy.py --budget-s {args.budget_s:g} --evals {args.evals}` "
+        f"Command: `python benchmarks/policy.py{flag} --budget-s {args.budget_s:g} --evals {args.evals}` "
         f"(weights: {policy.meta.get('problems', '?')} training problems, "
         f"teacher {policy.meta.get('teacher', '?')}, feature schema {policy.meta.get('schema', '?')}). "
         "All times are the simulator's predicted step times; none of these models, sizes or "
-        "topologies was drawn in training (`tag_jax.policy.zoo.HELD_OUT_*`). Raw rows: "
-        "`benchmarks/POLICY.json`.",
+        f"topologies was drawn in training (models: `tag_jax.policy.zoo.{models_var}`; topologies: "
+        "`tag_jax.policy.zoo.HELD_OUT_TOPOLOGIES`). Raw rows: "
+        f"`{args.out.rsplit('.', 1)[0] + '.json'}`.",
         "",
         "| model | topology | policy alone (ms) | policy alone evals | full search (ms) | "
         "data parallel (ms) | policy / search | policy / DP | evals to 2%: unguided | guided | "
