@@ -12,8 +12,11 @@ devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
 2. Partial sums. Axes partial in `src` but not in `dst` are reduced. Those that `dst` uses to split
    ONE dimension (as a prefix extension) become one reduce-scatter (bytes = the shard each device
    keeps); the rest one all-reduce of the (already scattered) local piece. When the scattered axes
-   would land on two or more dimensions XLA does not form a reduce-scatter: all of them are
-   all-reduced and then sliced. Axes partial in `dst` but not in `src` cost nothing (a local select).
+   would land on two or more dimensions XLA does not form a reduce-scatter: it all-reduces the
+   whole local piece once per scattered axis (last dimension first) and then slices. A dimension
+   whose new split mixes reduced axes with others (``P()+partial(b) -> P((a,b))``, either order) is
+   neither sliced nor scattered first: the whole local piece is all-reduced, then sliced. Axes
+   partial in `dst` but not in `src` cost nothing (a local select).
 3. All-gathers. Dimensions that drop trailing axes (new is a prefix of old) gather them, last
    dimension first (XLA's order), bytes = the gathered local result.
 4. Re-ordering within a dimension (neither split is a prefix of the other, e.g. ``(a,b) -> (b,a)`` or
@@ -190,10 +193,19 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
 
     # 1. free slices, and the reduce-scatter candidates of step 2
     scatter: dict[int, list[str]] = {}
+    mixed: dict[int, list[str]] = {}
     for i in range(ndim):
         if any(a in moved for a in src.dims[i]):
             continue  # an axis leaves this dimension: XLA moves it first, slices after (below)
         if d_[i][:len(s_[i])] == s_[i]:
+            new_axes = [a for a in d_[i][len(s_[i]):] if a not in src_where]
+            if (any(a in reduce for a in new_axes) and
+                    any(a not in reduce and a not in src.partial for a in new_axes)):
+                # reduced axes split a dim together with others (``P()+partial(b) -> P((a,b))``):
+                # XLA neither slices nor reduce-scatters it first, it all-reduces the whole
+                # local piece and slices after
+                mixed[i] = new_axes
+                continue
             for a in d_[i][len(s_[i]):]:
                 if a in src_where:
                     continue  # used elsewhere in src: cannot slice locally (handled below)
@@ -209,11 +221,19 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
             cur[i].extend(axes)
             comms.append(Comm("reduce-scatter", tuple(axes), local()))
             rest = tuple(a for a in reduce if a not in axes)
+        elif scatter:
+            # scattered onto two or more dimensions: XLA all-reduces the whole local piece once per
+            # mesh axis, the last dimension's first (``P(None,None)+partial(a,b) -> P(a,b)``: an
+            # all-reduce over b, then one over a, then the slice), not once over all of them
+            for i in sorted(scatter, reverse=True):
+                for a in scatter[i]:
+                    comms.append(Comm("all-reduce", (a,), local()))
+            rest = tuple(a for a in reduce if not any(a in v for v in scatter.values()))
         else:
             rest = tuple(reduce)
         if rest:
             comms.append(Comm("all-reduce", rest, local()))
-        for i, axes in scatter.items():  # slices after an all-reduce are free
+        for i, axes in list(scatter.items()) + list(mixed.items()):  # slices after it are free
             for a in axes:
                 if a not in cur[i]:
                     cur[i].append(a)
@@ -256,6 +276,26 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
             cur[j] = list(dst.dims[j])
             comms.append(Comm("collective-permute", tuple(dst.dims[j]), local()))
     return tuple(c for c in comms if c.bytes > 0 and math.prod(sizes[a] for a in c.axes) > 1)
+
+
+def leading_slices(src: TensorSharding, dst: TensorSharding) -> dict[int, tuple[str, ...]]:
+    """The local slices step 1 of `reshard_collectives` starts with, per dimension: the axes a
+    dimension gains after its own (no axis leaving it) that split nothing else in `src`. XLA cuts
+    these first (a dynamic-slice), whatever collectives follow."""
+    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
+    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
+    moved = {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+    out: dict[int, tuple[str, ...]] = {}
+    for i, (sd, dd) in enumerate(zip(src.dims, dst.dims)):
+        if any(a in moved for a in sd):
+            continue
+        s_ = tuple(a for a in sd if a not in moved)
+        d_ = tuple(a for a in dd if a not in moved)
+        if d_[:len(s_)] == s_:
+            got = tuple(a for a in d_[len(s_):] if a not in src_where and a not in src.partial)
+            if got:
+                out[i] = got
+    return out
 
 
 def after_reduction(src: TensorSharding, dst: TensorSharding) -> TensorSharding:

@@ -44,15 +44,20 @@ model issues them early). A tensor's local bytes are its bytes divided by the sh
 
 Partial sums (GSPMD has none between ops): a partial result is reduced at each of its roots, the
 ops that made it (dot, reduction, scatter-add), at the root's size, however far a strategy carries
-it (see `Simulator._partial_roots`); one wanted in several shardings is reduced once, towards the
-most split of them (GSPMD gives the reduced value its most specific user sharding; ties: the first
-consumer's), and moved from there to the others. A partial result of an op that cannot make a sum
-(elementwise, reshape, transpose, slice, concatenate...) from non-partial operands is a local
-select the program never makes: no reduction. An operand an elementwise op wants as such a select
+it (see `Simulator._partial_roots`; an operand partial over more axes than wanted, or over fewer
+where the op makes no sum over the others, still carries it: the root is reduced over all its
+axes); one wanted in several shardings is reduced once, towards the first consumer's sharding
+refined by later ones that extend it (`Simulator._merge_targets`; a reduce_sum result: in place),
+and moved from there to the others; a root reached through transposes is reduced along the
+transposed dims. A partial result of an op that cannot make a sum (elementwise, reshape,
+transpose, slice, concatenate..., or any op whose option splits no operand by its partial axes,
+e.g. a scatter-add of selects) from non-partial operands is a local select the program never
+makes: no reduction. An operand an elementwise op wants as such a select
 (``b1 * mu`` added to a partial gradient) has no constraint in the program; XLA moves it to the
 layout the op's result is reduced to (`Simulator._retarget_selects`). An all-reduce whose every
-later use, directly or through transposes/reshapes, only slices it 1/n by the reduced axes is what
-XLA:CPU writes for a reduce-scatter, and is counted as one (`Simulator._sliced_all_reduces`).
+later use, directly or through transposes/reshapes (and ``x ** 1``, which XLA removes), only
+slices it 1/n by the reduced axes (possibly before moving the slice) is what XLA:CPU writes for a
+reduce-scatter, and is counted as one (`Simulator._sliced_all_reduces`).
 
 Lowering (`Simulator(..., lowering="xla-cpu")`, default `LOWERING`, `set_lowering`): XLA:CPU's
 scratch buffers, live while their op runs (transposed copies for convolutions whose operands are
@@ -84,7 +89,7 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from tag_jax.cost.reshard import KINDS, Comm, comm_time, reshard_collectives
+from tag_jax.cost.reshard import KINDS, Comm, comm_time, leading_slices, reshard_collectives
 from tag_jax.hlo.graph import OpGraph
 from tag_jax.rules.elementwise import ELEMENTWISE
 from tag_jax.strategy import MeshSpec, OpStrategy, Strategy, TensorSharding
@@ -549,6 +554,12 @@ class Simulator:
                               minlength=sh["n_ops"] + 1)
             carries = ~own & (gen[prod] > 0) & (kind[prod] > 0)
             select = ~own & ~carries & (kind[prod] == 2)
+            # ... or any op whose option only inherits its partial axes from operands wanted
+            # as partial selects (none split an operand): mlp-real's label scatter-adds
+            other = np.flatnonzero(~own & ~carries & (kind[prod] == 1))
+            if other.size:
+                ps = prod[other]
+                select[other] = [not self._makes_sum(int(p), int(c[p])) for p in ps.tolist()]
             plain = self._plain_ids()
             js[red[select]] = plain[js[red[select]]]
             todo = red[carries]
@@ -563,7 +574,9 @@ class Simulator:
                 # t0 is then made from reduced values, as t0 without its partial axes: moved to d0
                 dk = int(jd[k])
                 for n, r in enumerate(sorted(roots)):
-                    rd = dk if shapes[r] == shapes[t0] else self._towards(r, t0, dk, tsh)
+                    rd = self._through_transposes(r, t0, dk)
+                    if rd < 0:
+                        rd = dk if shapes[r] == shapes[t0] else self._towards(r, t0, dk, tsh)
                     if n == 0:
                         jt[k], js[k], jd[k] = r, tsh[r], rd
                     else:
@@ -575,24 +588,36 @@ class Simulator:
                 jt, js = np.concatenate([jt, xt]), np.concatenate([js, xs])
                 jd, jc = np.concatenate([jd, xd]), np.concatenate([jc, xc])
             self._ensure_shards()
-            # a partial sum wanted in several shardings is reduced once, towards its first
-            # consumer's, and moved from there to the others (XLA: ``y = x @ w`` split on the
-            # contraction, wanted as P(a,None) then P(None,a): reduce-scatter, then all-to-all)
+            # a partial sum wanted in several shardings is reduced once, towards the sharding the
+            # program gives the reduced value (`_merge_targets`), and moved from there to the others
+            # (XLA: ``y = x @ w`` split on the contraction, wanted as P(a,None) then P(None,a):
+            # reduce-scatter, then all-to-all)
             pbits = self._partial_bits()
             cand = np.flatnonzero((pbits[js] & ~pbits[jd]) != 0)
             if cand.size > 1:
-                # the target: the most split one wanted (ties: the first consumer's). GSPMD's
-                # propagation gives the unconstrained reduced value its most specific user
-                # sharding, so XLA reduce-scatters there and all-gathers for the replicated users
-                # (mlp-real random-6/8: all-reduce + dynamic-slice of the dense_0 output, the
-                # weight gradients reduce-scattered), not an all-reduce then local slices
-                nsh = self._shards[jd[cand]]
-                cand = cand[np.lexsort((jc[cand], -nsh, jt[cand]))]
-                ct = jt[cand]
-                starts = np.flatnonzero(np.r_[True, ct[1:] != ct[:-1]])
-                first = np.repeat(jd[cand[starts]], np.diff(np.r_[starts, cand.size]))
-                move = (jd[cand] != first) & (pbits[first] == 0)
-                js[cand[move]] = first[move]
+                keys, tgts, firsts = self._merge_targets(cand, jt, js, jd, jc)
+                pbits = self._partial_bits()  # the merged targets may be new shardings
+                pos = np.searchsorted(keys, jt[cand])
+                t_for = tgts[pos]
+                has = pbits[t_for] == 0
+                src0 = js[cand].copy()
+                move = has & (jd[cand] != t_for)
+                js[cand[move]] = t_for[move]
+                # a consumer wanting it still partial over some axes reads the reduced value in
+                # the target layout (the program has no partial sharding between ops): no reshard
+                carry = move & (pbits[jd[cand]] != 0)
+                js[cand[carry]] = jd[cand[carry]]
+                # a merged target no consumer wants as such: one more job reduces to it
+                reached = set(zip(jt[cand[~move & has]].tolist(), jd[cand[~move & has]].tolist()))
+                xt, xs, xd, xc = [], [], [], []
+                for n in np.flatnonzero(pbits[tgts] == 0).tolist():
+                    t, d = int(keys[n]), int(tgts[n])
+                    if (t, d) not in reached:
+                        k = int(np.flatnonzero(jt[cand] == t)[0])
+                        xt.append(t), xs.append(int(src0[k])), xd.append(d), xc.append(int(firsts[n]))
+                if xt:
+                    jt, js = np.concatenate([jt, xt]), np.concatenate([js, xs])
+                    jd, jc = np.concatenate([jd, xd]), np.concatenate([jc, xc])
             keep = js != jd  # a select retargeted to where its operand already is: nothing to do
             if not keep.all():
                 jt, js, jd, jc = jt[keep], js[keep], jd[keep], jc[keep]
@@ -606,7 +631,7 @@ class Simulator:
         partial one) and XLA runs the op on reduced values, so the operand is resharded to the
         reduced result's sharding (mlp-real random strategies: Adam's mu/nu all-gathered whole where
         XLA moves them with an all-to-all or not at all). The reduction target of a partial result
-        is the most split sharding its reducing jobs want (as below); results whose partial is
+        is the one `_merge_targets` gives its reducing jobs (as below); results whose partial is
         carried further by elementwise ops are followed forward to the first reduced one."""
         sh = self._sh
         pbits = self._partial_bits()
@@ -626,12 +651,9 @@ class Simulator:
             sel, o_all = sel[keep], o_all[keep]
         if not sel.size:
             return jt, js, jd
-        # reduction targets of the partial tensors reduced directly: most split, then first consumer
-        nsh = self._shards[jd[red]]
-        order = red[np.lexsort((jc[red], -nsh, jt[red]))]
-        ot_ = jt[order]
-        firsts = np.flatnonzero(np.r_[True, ot_[1:] != ot_[:-1]])
-        t_keys, t_vals = ot_[firsts], jd[order[firsts]]
+        # reduction targets of the partial tensors reduced directly (`_merge_targets`)
+        t_keys, t_vals, _ = self._merge_targets(red, jt, js, jd, jc)
+        pbits = self._partial_bits()
         g = self.graph
         memo: dict[int, int] = {}
 
@@ -669,6 +691,40 @@ class Simulator:
             jd[sel[ok]] = d_all[ok]
         return jt, js, jd
 
+    def _merge_targets(self, idx, jt, js, jd, jc):
+        """Where each partial tensor of the reducing jobs `idx` is reduced to: (tensors sorted,
+        target sharding ids, first consumer op). The emitter leaves a partial result wanted in
+        several shardings unconstrained, and the sharding the program gives the reduced value is
+        the first consumer's, refined per dimension by each later consumer whose axes on that
+        dimension extend it (with axes not used on other dimensions yet): users ``P(b)`` then
+        ``P((a,b))`` reduce to ``P(b)`` (a reduce-scatter over b, an all-reduce over a, then a
+        permute), ``P(a)`` then ``P((a,b))`` to ``P((a,b))``, ``P(None,b)`` then ``P((a,b),None)``
+        to ``P(a,b)``, replicated then ``P(a)`` to ``P(a)`` (compiled HLO, 2x4 and 8 CPU devices:
+        tests/test_fidelity_random.py). A `reduce_sum` result is instead all-reduced where it is
+        made, in its own layout, and sliced or moved for each consumer. Only non-partial targets
+        are merged; a tensor wanted partial only keeps its first consumer's."""
+        sh = self._sh
+        pbits, plain, items = self._partial_bits(), self._plain_ids(), sh["sh"].items
+        order = idx[np.lexsort((jc[idx], jt[idx]))]
+        ot = jt[order]
+        starts = np.flatnonzero(np.r_[True, ot[1:] != ot[:-1]])
+        ends = np.r_[starts[1:], order.size].astype(np.int64)
+        keys, tgts, firsts = ot[starts], jd[order[starts]].copy(), jc[order[starts]]
+        if order.size:
+            differ = np.add.reduceat((jd[order] != np.repeat(tgts, ends - starts)).astype(np.int64), starts)
+            for n in np.flatnonzero(differ > 0).tolist():
+                run = order[starts[n]:ends[n]]
+                wants = [int(d) for d in dict.fromkeys(jd[run].tolist()) if pbits[int(d)] == 0]
+                if not wants:
+                    continue
+                prod = int(sh["producer"][int(keys[n])])
+                if prod >= 0 and self.graph.ops[prod].primitive == "reduce_sum":
+                    tgts[n] = plain[int(js[run[0]])]
+                    continue
+                tgts[n] = sh["sh"](_merged([items[d] for d in wants]))
+            self._ensure_shards()
+        return keys, tgts, firsts
+
     def _elementwise_out(self) -> tuple[np.ndarray, np.ndarray]:
         """(per op (and one past the end): its result's tensor id if it is a single-result
         elementwise op, else -1; per tensor: an id of its shape)."""
@@ -681,6 +737,48 @@ class Simulator:
             sid = np.array([shapes(t.shape) for t in g.tensors], np.int64)
             got = self._sh["elementwise_out"] = (out, sid)
         return got
+
+    def _through_transposes(self, r: int, t0: int, dk: int) -> int:
+        """The target `dk` of `t0` carried back onto its root `r` when `t0` is made from `r` by
+        transposes and same-shape elementwise ops only and the dimensions move (a square weight
+        gradient ``(x.T @ g).T``, wanted row-split, is reduce-scattered along the dot's columns);
+        -1 when there is no such chain, or it keeps every dimension in place."""
+        sh = self._sh
+        memo = sh.setdefault("through_transposes", {})
+        key = (r, t0)
+        perm = memo.get(key, False)
+        if perm is False:
+            g = self.graph
+            perm, stack = None, [(r, tuple(range(len(g.tensors[r].shape))), 0)]
+            while stack:  # t0's dim j is r's dim p[j]
+                u, p, depth = stack.pop()
+                if u == t0:
+                    perm = p
+                    break
+                if depth >= 8:
+                    continue
+                for k in g.tensors[u].consumers:
+                    op = g.ops[k]
+                    if len(op.outputs) != 1 or op.subgraphs:
+                        continue
+                    o = op.outputs[0]
+                    if op.primitive == "transpose":
+                        stack.append((o, tuple(p[q] for q in op.eqn.params["permutation"]), depth + 1))
+                    elif op.primitive in _ELEMENTWISE and g.tensors[o].shape == g.tensors[u].shape:
+                        stack.append((o, p, depth + 1))
+            if perm is not None and (perm == tuple(range(len(perm)))
+                                     or g.ops[int(sh["producer"][r])].primitive == "reduce_sum"):
+                perm = None
+            memo[key] = perm
+        if perm is None:
+            return -1
+        want = sh["sh"].items[dk]
+        dims = [()] * len(perm)
+        for j, axes in enumerate(want.dims):
+            dims[perm[j]] = axes
+        out = sh["sh"](TensorSharding(tuple(dims), want.partial))
+        self._ensure_shards()
+        return out
 
     def _towards(self, r: int, t0: int, dk: int, tsh: np.ndarray) -> int:
         """The sharding a root `r` of another shape than `t0` is reduced to: its own, without the
@@ -764,11 +862,21 @@ class Simulator:
             base = in_base[p] + c[p] * nin[p]
             ins = [v for k, v in enumerate(op.inputs)
                    if pbits[int(tsh[v])] & pbits[int(wants[base + k])]]
-            if any(items[int(tsh[v])].partial != want for v in ins):
+            # an operand partial over fewer axes than wanted carries its partial sum in when the
+            # op makes no sum over the other wanted axes (it splits no operand by them: a
+            # transpose, elementwise op, or a scatter-add of selects): those are a local select,
+            # no sum over them is ever made (a reduction or dot contracting a dim split by them
+            # sums over them: its result is a root)
+            if any(items[int(tsh[v])].partial != want and not (
+                    set(items[int(tsh[v])].partial) <= set(want)
+                    and not (set(want) - set(items[int(tsh[v])].partial)) & self._split_axes(p, int(c[p])))
+                   and not set(items[int(tsh[v])].partial) > set(want)
+                   for v in ins):
                 memo[u] = frozenset((u,))
                 continue
             if not ins:
-                memo[u] = frozenset() if op.primitive in _SELECT_ONLY else frozenset((u,))
+                memo[u] = (frozenset() if op.primitive in _SELECT_ONLY or not self._makes_sum(p, int(c[p]))
+                           else frozenset((u,)))
                 continue
             if state == 0:
                 stack.append((u, 1))
@@ -778,6 +886,25 @@ class Simulator:
         seen_a = np.array(seen, np.int64)
         cache[t] = (seen_a, vec[seen_a].copy(), memo[t])
         return memo[t]
+
+    def _split_axes(self, p: int, choice: int) -> frozenset:
+        """The mesh axes op `p`'s option `choice` splits some operand dimension by."""
+        memo = self._sh.setdefault("split_axes", {})
+        key = (p, choice)
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = frozenset(a for w in self.op_strategies[p][choice].inputs for a in w.axes)
+        return got
+
+    def _makes_sum(self, p: int, choice: int) -> bool:
+        """Whether op `p`'s option `choice` makes a partial sum of non-partial operands: some
+        partial axis of its result splits an operand (a dot or reduction contracting a split dim).
+        One whose partial axes are only wanted partial on operands makes none of those: fed
+        non-partial values (local selects) it is a select itself, never partial in the program
+        (mlp-real: the label gradient's scatter-adds into zeros, option R + partial)."""
+        st = self.op_strategies[p][choice]
+        outs = {a for o in st.outputs for a in o.partial}
+        return bool(outs & self._split_axes(p, choice))
 
     def _gather_ops(self) -> np.ndarray:
         """Per op (and one past the end): whether it is a gather (a lookup)."""
@@ -928,11 +1055,25 @@ class Simulator:
         outs = self._out_set
 
         def is_slice(L: TensorSharding, w: TensorSharding) -> bool:
+            # one dim split further by exactly the reduced axes; when they land before L's own
+            # axes there (``P(b) -> P((a,b))``) XLA slices 1/n locally and permutes the slice
             if w.partial or len(w.dims) != len(L.dims):
                 return False
             diff = [(a, b) for a, b in zip(L.dims, w.dims) if a != b]
-            return (len(diff) == 1 and diff[0][1][:len(diff[0][0])] == diff[0][0]
-                    and set(diff[0][1][len(diff[0][0]):]) == want_ax)
+            if len(diff) == 1:
+                old, new = diff[0]
+                if (len(new) == len(old) + len(want_ax) and set(new) == set(old) | want_ax
+                        and not set(old) & want_ax):
+                    return True
+            # or a reshard that starts by slicing exactly the reduced axes off one dim, then moves
+            # the slice (``P(model,None) -> P(None,(data,model))`` after a reduction over data:
+            # slice dim 1 by data, then the all-to-all over model)
+            cuts = leading_slices(L, w)
+            return len(cuts) == 1 and set(next(iter(cuts.values()))) == want_ax
+
+        def permuted(L: TensorSharding, op) -> TensorSharding:
+            perm = op.eqn.params["permutation"]
+            return TensorSharding(tuple(L.dims[p] for p in perm), L.partial)
 
         budget = [24]
 
@@ -952,19 +1093,25 @@ class Simulator:
                 if is_slice(L, w):
                     continue
                 prim = op.primitive
-                if len(op.outputs) != 1 or op.subgraphs or prim not in _LAYOUT_ONLY:
+                # ``x ** 1`` (Adam's first moment, optax `update_moment`) is removed by XLA's
+                # algebraic simplifier: the identity, whatever its option says
+                unit = prim == "integer_pow" and op.eqn.params.get("y") == 1
+                if len(op.outputs) != 1 or op.subgraphs or not (prim in _LAYOUT_ONLY or unit):
                     return False  # elementwise compute reads the reduced value whole
                 o = op.outputs[0]
                 seen_t.append(o)
-                same = prim in _ELEMENTWISE and g.tensors[o].shape == g.tensors[u].shape
+                same = (prim in _ELEMENTWISE or unit) and g.tensors[o].shape == g.tensors[u].shape
                 replicated = not L.axes
+                transpose = prim == "transpose"
                 if chain and w.partial:
-                    if w != items[int(tsh[u])] or not (same or replicated):
+                    if w != items[int(tsh[u])] or not (same or replicated or transpose):
                         return False
                     oo = items[int(tsh[o])]
                     if not oo.partial:
                         return False
-                    if not walk(o, L if same else TensorSharding.replicated(len(g.tensors[o].shape)), True):
+                    Lo = (L if same else permuted(L, op) if transpose
+                          else TensorSharding.replicated(len(g.tensors[o].shape)))
+                    if not walk(o, Lo, True):
                         return False
                     continue
                 if w != L:
@@ -972,7 +1119,9 @@ class Simulator:
                 oo = items[int(tsh[o])]
                 if oo.partial or oo.shards(self.mesh.axes) != L.shards(self.mesh.axes):
                     return False
-                if not (same or replicated):
+                if transpose and oo != permuted(L, op):
+                    return False
+                if not (same or replicated or transpose):
                     return False
                 if not walk(o, oo, False):
                     return False
@@ -1281,6 +1430,22 @@ _SHAPE_ONLY = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims"
 _CPU_REDUCE_PROLOGUE = frozenset({"mul", "max", "square"})
 _CPU_REDUCE_TRANSPARENT = frozenset({"neg", "convert_element_type"}) | _SHAPE_ONLY
 _LOOP, _REDUCE_IN, _PROLOGUE = 0, 1, 2  # where a fused value sits in the fusion that absorbs it
+
+
+def _merged(wants: Sequence[TensorSharding]) -> TensorSharding:
+    """The first sharding, each dimension extended by the later ones that extend it (in order),
+    with mesh axes not used yet (see `Simulator._merge_targets`)."""
+    cur = [list(d) for d in wants[0].dims]
+    for w in wants[1:]:
+        used = {a for d in cur for a in d}
+        for i, d in enumerate(w.dims):
+            if len(d) > len(cur[i]) and list(d[:len(cur[i])]) == cur[i]:
+                for a in d[len(cur[i]):]:
+                    if a in used:
+                        break
+                    cur[i].append(a)
+                    used.add(a)
+    return TensorSharding(tuple(tuple(d) for d in cur))
 
 
 def _true_rank(shape) -> int:
