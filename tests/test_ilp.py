@@ -170,17 +170,35 @@ def test_ilp_is_feasible_with_a_fixed_carried_target():
     assert info["objective_s"] <= replicated * (1 + 1e-9)
 
 
-def test_relax_and_fix_keeps_the_bounds_and_names_what_it_proved():
+def test_relax_and_fix_keeps_the_bounds_and_names_what_it_proved(monkeypatch):
     # mlp-real on 8 devices over 25 GbE: the LP relaxation leaves some units fractional, so the
-    # MIP over the rest is optimal only over them; what it claims must bracket the true optimum
+    # MIP over the rest is optimal only over them; with time left the whole MIP is solved too
+    from types import SimpleNamespace
+
+    from tag_jax.search import ilp as ilp_module
+
     ex = models.get("mlp", "real")
     graph = tag_jax.trace(ex.step, ex.state, ex.batch)
     ops = rules.for_graph(graph, MESH8.axes)
     sim = Simulator(graph, ops, TOPO, MESH8, carried=carried_outputs(graph))
     _, full = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20, simulator=sim)
+    assert full["status"] == "optimal"
+    _, polished = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20, simulator=sim,
+                               relax_and_fix=True)
+    assert polished["status"] == "optimal" and polished["fixed_units"] == 0
+    np.testing.assert_allclose(polished["objective_s"], full["objective_s"], rtol=1e-9)
+
+    # the whole MIP out of time: the fixed units' plan stands, and says what it proved
+    real_solve = ilp_module._solve
+
+    def no_whole_mip(pb, limit, relaxed=False, fixed=None):
+        if relaxed or fixed is not None:
+            return real_solve(pb, limit, relaxed=relaxed, fixed=fixed)
+        return SimpleNamespace(x=None, status=1, fun=None)
+
+    monkeypatch.setattr(ilp_module, "_solve", no_whole_mip)
     strategy, fixed = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20, simulator=sim,
                                    relax_and_fix=True)
-    assert full["status"] == "optimal"
     assert 0 < fixed["fixed_units"] < fixed["units"]
     assert fixed["status"] == "optimal over the LP's free units" and fixed["lp_gap"] > 1e-4
     bound = fixed["objective_s"] / (1 + fixed["lp_gap"])  # (constant terms are tiny here)
