@@ -28,7 +28,8 @@ def P(*dims, partial=()):
 # [64, 128] array on a 2x4 mesh (read from compiled HLO on 8 CPU devices).
 RESHARDS = [
     (P("a", None), P("a", None), []),
-    (P(None, "b"), P("a", None), [("all-gather", ("b",), 32 * 128 * 4)]),
+    # one dim split wanted split on another dim by one other axis: the whole gathered (step 0c)
+    (P(None, "b"), P("a", None), [("all-gather", ("b",), 64 * 128 * 4)]),
     (P("b", None), P(None, "b"), [("all-to-all", ("b",), 16 * 128 * 4)]),
     (P(("a", "b"), None), P("a", None), [("all-gather", ("b",), 32 * 128 * 4)]),
     (P("a", None), P(None, None), [("all-gather", ("a",), 64 * 128 * 4)]),
@@ -44,7 +45,7 @@ RESHARDS = [
                                          ("all-gather", ("a",), 16 * 128 * 4)]),
     (P("a", "b"), P("b", None), [("all-gather", ("a",), 64 * 32 * 4),
                                  ("all-to-all", ("b",), 16 * 128 * 4)]),
-    (P(None, "a"), P("b", None), [("all-gather", ("a",), 16 * 128 * 4)]),
+    (P(None, "a"), P("b", None), [("all-gather", ("a",), 64 * 128 * 4)]),
     (P(("a", "b"), None), P(("b", "a"), None), [("collective-permute", ("a", "b"), 8 * 128 * 4)]),
     (P("a", None), P(("b", "a"), None), [("collective-permute", ("a", "b"), 8 * 128 * 4)]),
     (P("b", None), P(("a", "b"), None), [("collective-permute", ("b", "a"), 8 * 128 * 4)]),
@@ -52,10 +53,8 @@ RESHARDS = [
     (P(None, ("a", "b")), P("a", None), [("all-gather", ("a", "b"), 64 * 128 * 4)]),
     (P(None, ("b", "a")), P("b", None), [("all-gather", ("b", "a"), 64 * 128 * 4)]),
     (P(("b", "a"), None), P(None, "b"), [("all-gather", ("b", "a"), 64 * 128 * 4)]),
-    (P(None, ("a", "b")), P("b", None), [("all-to-all", ("b",), 64 * 16 * 4),
-                                         ("all-gather", ("a",), 16 * 128 * 4)]),
-    (P(None, ("b", "a")), P("a", None), [("all-to-all", ("a",), 64 * 16 * 4),
-                                         ("all-gather", ("b",), 32 * 128 * 4)]),
+    (P(None, ("a", "b")), P("b", None), [("all-gather", ("a", "b"), 64 * 128 * 4)]),  # step 0c
+    (P(None, ("b", "a")), P("a", None), [("all-gather", ("b", "a"), 64 * 128 * 4)]),  # step 0c
     (P(None, ("a", "b")), P("a", "b"), [("all-to-all", ("a",), 32 * 32 * 4),
                                         ("collective-permute", ("a", "b"), 32 * 32 * 4)]),
     (P(("b", "a"), None), P("a", "b"), [("all-to-all", ("b",), 32 * 32 * 4),
@@ -351,6 +350,47 @@ def test_incremental_matches_full_no_overlap(mlp):
         assert after == pytest.approx(full.step_time_s)
 
 
+
+def test_incremental_knows_ops_that_make_no_sum():
+    """A scatter-add whose option only wants its operands as partial selects (R + partial, no
+    operand split, `Simulator._makes_sum`) fed non-partial values is a select itself: nothing is
+    reduced. Incremental priced an all-reduce of its result (it took only elementwise and
+    shape-only ops for selects); moved there op by op, it now agrees with the full no-overlap cost."""
+    def f(u, w):
+        z = jnp.zeros((64, 1), jnp.float32).at[:, 0].add(u * 2.0)
+        return (z * 3.0) @ w
+
+    g = tag_jax.trace(f, S((64,), F32), S((1, 32), F32))
+    mesh = MeshSpec((8,), ("a",), tuple(range(8)))
+    seen, strats = {}, []
+    for op in g.ops:
+        k = seen[op.primitive] = seen.get(op.primitive, -1) + 1
+        shapes = [len(g.tensors[t].shape) for t in op.inputs], [len(g.tensors[t].shape) for t in op.outputs]
+        repl = OpStrategy("R", tuple(TS.replicated(n) for n in shapes[0]),
+                          tuple(TS.replicated(n) for n in shapes[1]))
+        picked = None
+        if op.primitive == "scatter-add":
+            picked = ([TS.replicated(len(g.tensors[t].shape)) if g.tensors[t].dtype.kind == "i"
+                       else TS(((),) * len(g.tensors[t].shape), ("a",)) for t in op.inputs],
+                      [P(None, None, partial="a")])
+        elif op.primitive == "mul" and k == 0:
+            picked = ([P("a"), P()], [P("a")])
+        elif op.primitive == "broadcast_in_dim" and g.tensors[op.outputs[0]].shape == (64, 1):
+            picked = ([P()], [P("a", None)])
+        strats.append((repl,) if picked is None else
+                      (repl, OpStrategy("picked", tuple(picked[0]), tuple(picked[1]))))
+    sim = Simulator(g, tuple(strats), two_node_topology(), mesh)
+    strategy = Strategy(mesh, (0,) * len(g.ops), (P("a"), P(None, None)))
+    inc = sim.incremental(strategy)
+    assert inc.time == pytest.approx(sim.cost(strategy, overlap=False).step_time_s)
+    for i in [i for i, s in enumerate(strats) if len(s) > 1]:
+        guess = inc.propose({i: 1})
+        assert guess == pytest.approx(inc.commit({i: 1}))
+        assert guess == pytest.approx(sim.cost(inc.strategy, overlap=False).step_time_s)
+    full = sim.cost(inc.strategy, overlap=False)
+    assert full.comm_bytes_by_kind["all-reduce"] == 0 < full.comm_bytes
+
+
 def test_errors_and_fits(mlp):
     mesh = MeshSpec((8,), ("a",), tuple(range(8)))
     strats, dp = data_parallel(mlp, 16)
@@ -412,7 +452,10 @@ def test_reshard_collectives_against_compiled_hlo(src, dst, expected, cpu_mesh):
         f = jax.jit(lambda x, w: x @ w, in_shardings=(lhs, rhs), out_shardings=out)
         compiled = f.lower(S((64, 256), F32), S((256, 128), F32)).compile()
     else:
-        f = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(cpu_mesh, _spec(src)), out_shardings=out)
+        # pinned as in an emitted program (a constrained copy; left to propagation, XLA slices
+        # first where step 0c gathers the whole)
+        f = jax.jit(lambda x: jax.lax.with_sharding_constraint(x, out) * 2,
+                    in_shardings=NamedSharding(cpu_mesh, _spec(src)), out_shardings=out)
         compiled = f.lower(S((64, 128), F32)).compile()
     got = [(c.kind, c.bytes) for c in collectives(compiled)]
     predicted = reshard_collectives(src, dst, (64, 128), F32, MESH)

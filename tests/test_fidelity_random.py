@@ -291,3 +291,57 @@ def test_partial_carried_over_fewer_axes_is_reduced_whole_at_its_root(carried, w
     predicted, real = _compare(f, (S((64, 256), F32), S((256, 128), F32)), (P(None, AB), P(AB, None)),
                                pick, MESH2, meshes[MESH2])
     assert predicted == real
+
+
+PINNED_MOVES = [
+    (P(None, AB), [P("b", None)]),
+    (P(None, "b"), [P("a", None)]),
+    (P(AB, None), [P(None, "b")]),
+    (P(None, AB), [P("a", "b"), P("b", None)]),
+    (P(None, AB), [P("b", None), P(None, "b")]),
+]
+
+
+@pytest.mark.parametrize("src,wants", PINNED_MOVES, ids=[f"{s}->{'+'.join(map(str, w))}" for s, w in PINNED_MOVES])
+def test_pinned_value_moved_to_one_split_of_another_dim_is_gathered_whole(src, wants, meshes):
+    """A value split on one dim only, wanted split on another dim only by one axis (not an
+    all-to-all of that axis): in the emitted program, where both layouts are sharding constraints,
+    XLA finds no efficient reshard and all-gathers the whole tensor, then slices (mlp-real random
+    2-D strategies: parameters and Adam's moments, e.g. ``P(None,(data,model)) -> P(model,None)``,
+    an all-to-all and an all-gather of 1/4 predicted, 268 MB gathered compiled; was: the axis
+    sliced first, or the local piece moved by an all-to-all)."""
+    def f(x):
+        return tuple(x * float(i + 2) for i in range(len(wants)))
+
+    def pick(op, k):
+        if op.primitive == "mul":
+            return [wants[k], P()], [wants[k]]
+        return None
+
+    predicted, real = _compare(f, (S((64, 64), F32),), (src,), pick, MESH2, meshes[MESH2])
+    assert predicted == real
+    assert real["all-gather"] >= 64 * 64 * 4
+
+
+def test_select_wanted_one_way_is_made_in_its_reduction_layout(meshes):
+    """A local select (``b1 * mu`` with the scalar wanted partial over a: a partial result no sum
+    made) wanted by one consumer as ``P(a, None)``: the emitter pins it where a reduction towards
+    that would leave it, ``P(a, b)`` (a as a free slice), so XLA computes it there and all-gathers
+    over b (1/2 of the tensor), not from ``P(None, b)`` (the whole, `test_pinned_value_moved_...`).
+    mlp-real random-5: Adam's ``b1 * mu`` moments, 268 MB predicted per moment, 134 MB compiled."""
+    def f(m, s):
+        return (s * m) + 1.0
+
+    def pick(op, k):
+        if op.primitive == "mul":
+            shapes = [len(graph.tensors[t].shape) for t in op.inputs]
+            return ([P(partial="a") if n == 0 else P(None, "b") for n in shapes],
+                    [P(None, "b", partial="a")])
+        if op.primitive == "add":
+            return [P("a", None), P()], [P("a", None)]
+        return None
+
+    args = (S((64, 64), F32), S((), F32))
+    graph = tag_jax.trace(f, *args)
+    predicted, real = _compare(f, args, (P(None, "b"), P()), pick, MESH2, meshes[MESH2])
+    assert predicted == real == {"all-gather": 64 * 64 * 4 // 2}

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
     from tag_jax.cost.simulate import Simulator
 
 
+class _Choices:
+    """The op choices with a move's changes on top, indexable like the choice array."""
+
+    def __init__(self, choices, changes):
+        self.choices, self.changes = choices, changes
+
+    def __getitem__(self, i):
+        return self.changes.get(int(i), self.choices[i])
+
+
 class Incremental:
     """No-overlap step time (compute + comm) of a strategy, updated cheaply when a few ops change.
 
@@ -56,7 +66,9 @@ class Incremental:
         """`src` without its partial axes when `t` is only a local select, as `Simulator.cost`
         takes it (its fast path and `_partial_roots`): no operand of its producer carries a partial
         sum into it (partial where wanted partial over the same axis) and the producer is
-        elementwise or shape-only, or every partial operand is itself such a select."""
+        elementwise or shape-only, or its option makes no sum (`Simulator._makes_sum`: no partial
+        axis of the result splits an operand, e.g. a scatter-add of selects); or every partial
+        operand carried in is itself such a select (`_pure`)."""
         sim, sh = self.sim, self.sim._sh
         p = int(sh["producer"][t])
         pbits = sim._partial_bits()
@@ -65,20 +77,26 @@ class Incremental:
         kind = sim._op_kind()
         if kind[p] == 0:
             return src
-        c = changes.get(p, self.choices[p])
+        c = int(changes.get(p, self.choices[p]))
         base = sh["in_base"][p] + c * sh["nin"][p]
         ins = sim.graph.ops[p].inputs
         carries = any(pbits[self._sharding(u, new_tsh)] & pbits[int(sh["want"][base + k])]
                       for k, u in enumerate(ins))
         if not carries:
-            return int(sim._plain_ids()[src]) if kind[p] == 2 else src
-        return int(sim._plain_ids()[src]) if self._pure(t, src, changes, new_tsh, {}) else src
+            select = kind[p] == 2 or not sim._makes_sum(p, c)
+            return int(sim._plain_ids()[src]) if select else src
+        items = sh["sh"].items
+        return int(sim._plain_ids()[src]) if self._pure(t, frozenset(items[src].partial), changes,
+                                                         new_tsh, {}) else src
 
     def _sharding(self, u: int, new_tsh) -> int:
         return int(new_tsh.get(u, self.tsh[u]))
 
-    def _pure(self, t: int, src: int, changes, new_tsh, memo) -> bool:
-        """`Simulator._partial_roots(t)` is empty: t's partial sum was made only by selects."""
+    def _pure(self, t: int, want: frozenset, changes, new_tsh, memo) -> bool:
+        """`Simulator._partial_roots(t)` is empty: t's partial sum (over `want`, the partial axes
+        of the tensor the walk started from) was made only by selects. An operand carried in with
+        other partial axes than `want` ends the walk at a root, except one partial over more axes,
+        or over fewer where the op splits no operand by the others (`Simulator._split_axes`)."""
         if t in memo:
             return memo[t]
         sim, sh = self.sim, self.sim._sh
@@ -87,26 +105,39 @@ class Incremental:
         kind = sim._op_kind()
         if p < 0 or kind[p] == 0:
             return False
-        pbits = sim._partial_bits()
-        c = changes.get(p, self.choices[p])
+        pbits, items = sim._partial_bits(), sh["sh"].items
+        c = int(changes.get(p, self.choices[p]))
         base = sh["in_base"][p] + c * sh["nin"][p]
         ins = [(u, self._sharding(u, new_tsh), int(sh["want"][base + k]))
                for k, u in enumerate(sim.graph.ops[p].inputs)]
         ins = [(u, su) for u, su, w in ins if pbits[su] & pbits[w]]  # carried in
-        if any(pbits[su] != pbits[src] for _, su in ins):
-            return False
-        ok = (kind[p] == 2 if not ins
-              else all(self._pure(u, su, changes, new_tsh, memo) for u, su in ins))
+        for _, su in ins:
+            have = frozenset(items[su].partial)
+            if have == want or have > want:
+                continue
+            if have < want and not (want - have) & sim._split_axes(p, c):
+                continue
+            return False  # a root
+        if not ins:
+            ok = kind[p] == 2 or not sim._makes_sum(p, c)
+        else:
+            ok = all(self._pure(u, want, changes, new_tsh, memo) for u, _ in ins)
         memo[t] = ok
         return ok
 
     def _tensor_cost(self, t, changes, new_tsh) -> float:
         sh, sim = self.sim._sh, self.sim
-        src = self._select_source(t, int(new_tsh.get(t, self.tsh[t])), changes, new_tsh)
+        raw = int(new_tsh.get(t, self.tsh[t]))
+        src = self._select_source(t, raw, changes, new_tsh)
         dsts = set()
         for i, p in sh["consumers_of"][t]:
             c = changes.get(i, self.choices[i])
             dsts.add(int(sh["want"][sh["in_base"][i] + c * sh["nin"][i] + p]))
+        made = {}
+        if src != raw and len(dsts) == 1:  # a select wanted one way is made where it is pinned
+            (d,) = dsts
+            made[d] = int(sim._select_sources(np.array([t]), np.array([raw]), np.array([d]),
+                                              _Choices(self.choices, changes))[0])
         if t in self._carried:
             dsts.add(int(self.tsh[self._carried[t]]))
         elif t in self._outputs:
@@ -114,8 +145,7 @@ class Incremental:
             if s.partial:
                 dsts.add(sh["sh"](s.without_partial()))
                 sim._ensure_shards()
-        dsts.discard(src)
-        return sum(sim.price(t, src, d)[0] for d in dsts)
+        return sum(sim.price(t, made.get(d, src), d)[0] for d in dsts if made.get(d, src) != d)
 
     def _delta(self, changes: Mapping[int, int]):
         sh, g = self.sim._sh, self.sim.graph

@@ -8,7 +8,8 @@ devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
 1. Free slices. A dimension whose new split only appends mesh axes to the old one (old is a prefix
    of new) and whose new axes split nothing else in `src` is cut locally (dynamic-slice): no comm.
    XLA does this FIRST, so later collectives move the smaller piece
-   (``P(None,b) -> P(a,None)`` is one all-gather over b of the (n/2, m) block).
+   (``P(None,b) -> P(a,b)`` costs nothing; but see step 0c: ``P(None,b) -> P(a,None)`` is not
+   sliced first in the emitted programs, it is gathered whole).
 2. Partial sums. Axes partial in `src` but not in `dst` are reduced. Those that `dst` uses to split
    ONE dimension (as a prefix extension) become one reduce-scatter (bytes = the shard each device
    keeps); the rest one all-reduce of the (already scattered) local piece. When the scattered axes
@@ -46,6 +47,14 @@ devices (2x4 mesh, compiled HLO read with `tag_jax.hlo.collectives`):
    (``P(None,(a,b)) -> P(a,b)``) an all-to-all plus a permute of the final piece; X alone going to a
    dimension split by more pieces that it replaces (``P(a,b) -> P(None,a)``) a permute of the local
    piece and two all-gathers (to X's, then to the final size).
+
+0c. (Checked first.) A value split on one dimension only (by axes S) wanted split on another
+   dimension only, by one axis Y (S != (Y,), which is an all-to-all): one all-gather of the WHOLE
+   tensor over S, then a slice. This is what XLA does where the value is pinned by a sharding
+   constraint, as every op result and resharded operand of `tag_jax.emit`'s programs is
+   ("involuntary full rematerialization": ``P(None,b) -> P(a,None)``, ``P(None,(a,b)) -> P(b,None)``;
+   all 110 pairs of 2-D shardings on a 2x4 mesh agree with the pinned form, tests/test_cost.py).
+   Left to propagation (a jit output of an unconstrained value) XLA slices first instead.
 
 Known differences: in step 4 the gather group XLA uses can be smaller than the axes priced here.
 """
@@ -113,6 +122,21 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
     s_ = [tuple(a for a in d if a not in moved) for d in src.dims]
     d_ = [tuple(a for a in d if a not in moved) for d in dst.dims]
     reduce = [a for a in src.partial if a not in dst.partial]
+
+    # 0c. a tensor split on one dim only (by axes S) wanted split on another dim only, by ONE axis Y
+    # (S != (Y,), which is an all-to-all): in the emitted program, where the value being resharded
+    # is pinned by a sharding constraint (an op result or a constrained operand), XLA 0.10 finds no
+    # efficient path ("involuntary full rematerialization") and all-gathers the whole tensor over S,
+    # then slices (``P(None,b) -> P(a,None)``, ``P(None,(a,b)) -> P(b,None)``; every 2-D pair on a 2x4
+    # mesh and 3-D ones compiled, tests/test_cost.py). An unpinned value (a jit output left to
+    # propagation) is sliced first instead; the simulator prices the emitted programs.
+    if not src.partial and not dst.partial:
+        s_dims = [i for i, d in enumerate(src.dims) if d]
+        d_dims = [i for i, d in enumerate(dst.dims) if d]
+        if (len(s_dims) == 1 and len(d_dims) == 1 and s_dims != d_dims
+                and len(dst.dims[d_dims[0]]) == 1 and src.dims[s_dims[0]] != dst.dims[d_dims[0]]):
+            return (Comm("all-gather", tuple(src.dims[s_dims[0]]),
+                         _local_bytes(shape, [[] for _ in range(ndim)], itemsize, sizes)),)
 
     # 0. contained tiles: when axes change dimension but every dimension's new split refines its old
     # one (the new piece count is a multiple of the old), each device's new piece lies inside ONE

@@ -52,7 +52,9 @@ and moved from there to the others; a root reached through transposes is reduced
 transposed dims. A partial result of an op that cannot make a sum (elementwise, reshape,
 transpose, slice, concatenate..., or any op whose option splits no operand by its partial axes,
 e.g. a scatter-add of selects) from non-partial operands is a local select the program never
-makes: no reduction. An operand an elementwise op wants as such a select
+makes: no reduction; it is resharded from the layout the program pins it to (wanted one way,
+the reduction layout `reshard.after_reduction`, its partial axes as free slices:
+`Simulator._select_sources`). An operand an elementwise op wants as such a select
 (``b1 * mu`` added to a partial gradient) has no constraint in the program; XLA moves it to the
 layout the op's result is reduced to (`Simulator._retarget_selects`). An all-reduce whose every
 later use, directly or through transposes/reshapes (and ``x ** 1``, which XLA removes), only
@@ -89,7 +91,8 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from tag_jax.cost.reshard import KINDS, Comm, comm_time, leading_slices, reshard_collectives
+from tag_jax.cost.reshard import (KINDS, Comm, after_reduction, comm_time, leading_slices,
+                                  reshard_collectives)
 from tag_jax.hlo.graph import OpGraph
 from tag_jax.rules.elementwise import ELEMENTWISE
 from tag_jax.strategy import MeshSpec, OpStrategy, Strategy, TensorSharding
@@ -561,14 +564,15 @@ class Simulator:
                 ps = prod[other]
                 select[other] = [not self._makes_sum(int(p), int(c[p])) for p in ps.tolist()]
             plain = self._plain_ids()
-            js[red[select]] = plain[js[red[select]]]
+            sel = red[select]
+            js[sel] = self._select_sources(jt[sel], js[sel], jd[sel], c)
             todo = red[carries]
             for k, roots in zip(todo.tolist(), self._roots_of(jt[todo], tsh, c)):
                 t0 = int(jt[k])
                 if t0 in roots:
                     continue
                 if not roots:  # made partial only by local selects: XLA never makes it partial
-                    js[k] = plain[js[k]]
+                    js[k] = self._select_sources(jt[k:k + 1], js[k:k + 1], jd[k:k + 1], c)[0]
                     continue
                 # reduced at each root (towards d0 where the root has t0's shape, else in place);
                 # t0 is then made from reduced values, as t0 without its partial axes: moved to d0
@@ -622,6 +626,35 @@ class Simulator:
             if not keep.all():
                 jt, js, jd, jc = jt[keep], js[keep], jd[keep], jc[keep]
         return jt, js, jd, jc
+
+    def _select_sources(self, ts, srcs, dsts, c) -> np.ndarray:
+        """Where a local select (a partial result no sum made, `srcs` its partial shardings) is
+        resharded from towards `dsts`: the program computes it in the layout `tag_jax.emit` pins
+        it to, which, when every consumer wants one non-partial sharding, is that sharding's
+        `reshard.after_reduction` (the partial axes taken as free slices: ``P(None,b)+partial(a)``
+        wanted ``P(a,None)`` is made as ``P(a,b)``, then all-gathered over b); otherwise it is
+        left unconstrained and made without its partial axes."""
+        sh = self._sh
+        plain = self._plain_ids()
+        out = plain[srcs].copy()
+        if not ts.size:
+            return out
+        pbits, items = self._partial_bits(), sh["sh"].items
+        want, in_base, nin = sh["want"], sh["in_base"], sh["nin"]
+        memo = sh.setdefault("select_sources", {})
+        for n, (t, s, d) in enumerate(zip(ts.tolist(), srcs.tolist(), dsts.tolist())):
+            if pbits[d]:
+                continue
+            users = sh["consumers_of"][t]
+            if not users or any(int(want[in_base[i] + c[i] * nin[i] + p]) != d for i, p in users):
+                continue
+            got = memo.get((s, d))
+            if got is None:
+                got = memo[(s, d)] = sh["sh"](after_reduction(items[s], items[d]))
+                self._ensure_shards()
+            if not self._partial_bits()[got]:
+                out[n] = got
+        return out
 
     def _retarget_selects(self, jt, js, jd, jc, red, tsh):
         """Operands an elementwise op wants as a local select of a partial sum (non-partial in,
