@@ -185,8 +185,10 @@ def test_relax_and_fix_keeps_the_bounds_and_names_what_it_proved(monkeypatch):
     assert full["status"] == "optimal"
     _, polished = ilp_strategy(graph, ops, TOPO, MESH8, time_limit_s=20, simulator=sim,
                                relax_and_fix=True)
-    assert polished["status"] == "optimal" and polished["fixed_units"] == 0
+    # (the whole MIP proves the optimum; the plan kept, of the two, is the simulator's faster)
+    assert polished["status"] == "optimal"
     np.testing.assert_allclose(polished["objective_s"], full["objective_s"], rtol=1e-9)
+    assert polished["step_time_s"] <= full["step_time_s"] * (1 + 1e-9)
 
     # the whole MIP out of time: the fixed units' plan stands, and says what it proved
     real_solve = ilp_module._solve
