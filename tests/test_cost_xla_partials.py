@@ -15,8 +15,9 @@ import tag_jax
 from tag_jax.cost import Simulator, simulate
 from tag_jax.emit import emit
 from tag_jax.hlo import collective_bytes_by_kind, collectives
-from tag_jax.strategy import MeshSpec, OpStrategy, Strategy, TensorSharding as TS
+from tag_jax.strategy import MeshSpec, Strategy, TensorSharding as TS
 from tag_jax.topology import Device, Link, Topology
+from toy_strategies import one_option_per_op
 
 S = jax.ShapeDtypeStruct
 F32 = np.float32
@@ -38,18 +39,7 @@ def flat_mesh():
     return jax.make_mesh((8,), ("a",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _strategies(graph, pick):
-    """One option per op: `pick(op, k)` gives (input shardings, output shardings) or None for
-    replicated; k counts the ops of that primitive seen so far."""
-    seen, out = {}, []
-    for op in graph.ops:
-        k = seen[op.primitive] = seen.get(op.primitive, -1) + 1
-        got = pick(op, k)
-        if got is None:
-            got = ([TS.replicated(len(graph.tensors[t].shape)) for t in op.inputs],
-                   [TS.replicated(len(graph.tensors[t].shape)) for t in op.outputs])
-        out.append((OpStrategy(f"{op.primitive}{k}", tuple(got[0]), tuple(got[1])),))
-    return tuple(out)
+_strategies = one_option_per_op
 
 
 def _compare(fn, args, in_shardings, pick, flat_mesh):
