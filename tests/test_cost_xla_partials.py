@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 
 import tag_jax
-from tag_jax.cost import Simulator, simulate
-from tag_jax.emit import emit
-from tag_jax.hlo import collective_bytes_by_kind, collectives
+from tag_jax.cost import Simulator
 from tag_jax.strategy import MeshSpec, Strategy, TensorSharding as TS
-from tag_jax.topology import Device, Link, Topology
-from toy_strategies import one_option_per_op
+from toy_strategies import compare_with_compiled, one_option_per_op, toy_topology
 
 S = jax.ShapeDtypeStruct
 F32 = np.float32
@@ -29,28 +26,13 @@ def P(*dims, partial=()):
               tuple(partial))
 
 
-def _topology():
-    devs = tuple(Device(i, "x", 100e12, 10e12, 16e9, 1e12, node=i // 4) for i in range(8))
-    return Topology(devs, intra_node=Link(100e9, 1e-6), inter_node=Link(1e9, 1e-5))
-
-
 @pytest.fixture(scope="module")
 def flat_mesh():
     return jax.make_mesh((8,), ("a",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-_strategies = one_option_per_op
-
-
 def _compare(fn, args, in_shardings, pick, flat_mesh):
-    graph = tag_jax.trace(fn, *args)
-    strats = _strategies(graph, pick)
-    strategy = Strategy(MESH, (0,) * len(graph.ops), tuple(in_shardings))
-    cost = simulate(graph, strats, strategy, _topology())
-    predicted = {k: v for k, v in cost.comm_bytes_by_kind.items() if v}
-    compiled = emit(graph, strategy, strats, flat_mesh).lower(*args).compile()
-    real = {k: v for k, v in collective_bytes_by_kind(collectives(compiled)).items() if v}
-    return predicted, real, graph, strats, strategy
+    return compare_with_compiled(fn, args, in_shardings, pick, MESH, flat_mesh)
 
 
 def test_partial_wanted_replicated_and_split_is_reduce_scattered_then_gathered(flat_mesh):
@@ -182,17 +164,17 @@ def test_gathered_tables_for_lookups_are_live_together_on_xla_cpu():
     def pick(op, k):
         return None  # replicated ops: each row-split table is all-gathered for its lookup
 
-    strats = _strategies(graph, pick)
+    strats = one_option_per_op(graph, pick)
     ins = (P("a", None), P("a", None), P(None), P(None, None))
     strategy = Strategy(MESH, (0,) * len(graph.ops), ins)
     table = 4096 * 64 * 4
     args_bytes = 2 * table // 8 + 32 * 4 + 64 * 8 * 4
-    cpu = Simulator(graph, strats, _topology(), MESH, lowering="xla-cpu").cost(strategy)
+    cpu = Simulator(graph, strats, toy_topology(), MESH, lowering="xla-cpu").cost(strategy)
     assert cpu.peak_memory_bytes >= args_bytes + 2 * table  # both gathered tables live together
-    plain = Simulator(graph, strats, _topology(), MESH).cost(strategy)
+    plain = Simulator(graph, strats, toy_topology(), MESH).cost(strategy)
     assert args_bytes + table <= plain.peak_memory_bytes < args_bytes + 2 * table
     with pytest.raises(ValueError, match="lowering"):
-        Simulator(graph, strats, _topology(), MESH, lowering="tpu")
+        Simulator(graph, strats, toy_topology(), MESH, lowering="tpu")
 
 
 def test_cpu_lowering_counts_the_weight_gradient_convolution_copies():
@@ -206,10 +188,10 @@ def test_cpu_lowering_counts_the_weight_gradient_convolution_copies():
 
     args = (S((8, 16, 16, 32), F32), S((3, 3, 32, 32), F32))
     graph = tag_jax.trace(f, *args)
-    strats = _strategies(graph, lambda op, k: None)
+    strats = one_option_per_op(graph, lambda op, k: None)
     strategy = Strategy(MESH, (0,) * len(graph.ops), (P(None, None, None, None),) * 2)
-    plain = Simulator(graph, strats, _topology(), MESH).cost(strategy).peak_memory_bytes
-    cpu = Simulator(graph, strats, _topology(), MESH, lowering="xla-cpu").cost(strategy).peak_memory_bytes
+    plain = Simulator(graph, strats, toy_topology(), MESH).cost(strategy).peak_memory_bytes
+    cpu = Simulator(graph, strats, toy_topology(), MESH, lowering="xla-cpu").cost(strategy).peak_memory_bytes
     convs = [op for op in graph.ops if op.primitive == "conv_general_dilated"]
     assert len(convs) == 2  # forward and weight gradient
     extra = cpu - plain

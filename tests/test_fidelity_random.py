@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 
 import tag_jax
-from tag_jax.cost import reshard_collectives, simulate
-from tag_jax.emit import emit
-from tag_jax.hlo import collective_bytes_by_kind, collectives
-from tag_jax.strategy import MeshSpec, Strategy, TensorSharding as TS
-from tag_jax.topology import Device, Link, Topology
-from toy_strategies import one_option_per_op
+from tag_jax.cost import reshard_collectives
+from tag_jax.hlo import collectives
+from tag_jax.strategy import MeshSpec, TensorSharding as TS
+from toy_strategies import compare_with_compiled
 
 S = jax.ShapeDtypeStruct
 F32 = np.float32
@@ -32,11 +30,6 @@ def P(*dims, partial=()):
               tuple((partial,) if isinstance(partial, str) else partial))
 
 
-def _topology():
-    devs = tuple(Device(i, "x", 100e12, 10e12, 16e9, 1e12, node=i // 4) for i in range(8))
-    return Topology(devs, intra_node=Link(100e9, 1e-6), inter_node=Link(1e9, 1e-5))
-
-
 @pytest.fixture(scope="module")
 def meshes():
     auto = jax.sharding.AxisType.Auto
@@ -44,18 +37,8 @@ def meshes():
             MESH1: jax.make_mesh((8,), ("a",), axis_types=(auto,))}
 
 
-_strategies = one_option_per_op
-
-
 def _compare(fn, args, in_shardings, pick, mesh, jax_mesh):
-    graph = tag_jax.trace(fn, *args)
-    strats = _strategies(graph, pick)
-    strategy = Strategy(mesh, (0,) * len(graph.ops), tuple(in_shardings))
-    cost = simulate(graph, strats, strategy, _topology())
-    predicted = {k: v for k, v in cost.comm_bytes_by_kind.items() if v}
-    compiled = emit(graph, strategy, strats, jax_mesh).lower(*args).compile()
-    real = {k: v for k, v in collective_bytes_by_kind(collectives(compiled)).items() if v}
-    return predicted, real
+    return compare_with_compiled(fn, args, in_shardings, pick, mesh, jax_mesh)[:2]
 
 
 # A weight-gradient-like dot (contraction split over a and b) wanted by two consumers in two
