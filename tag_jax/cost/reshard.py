@@ -100,6 +100,13 @@ def _check(s: TensorSharding, shape: Sequence[int], sizes: dict[str, int], what:
         raise ValueError(f"{what} {problem}")
 
 
+def _placement(src: TensorSharding, dst: TensorSharding):
+    """(dimension of each mesh axis in src, the same in dst, the axes that change dimension)."""
+    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
+    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
+    return src_where, dst_where, {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+
+
 def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequence[int], dtype,
                         mesh: MeshSpec) -> tuple[Comm, ...]:
     """The collectives that turn a tensor of `shape`/`dtype` sharded as `src` into `dst`, in order."""
@@ -116,9 +123,7 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
     def local() -> int:
         return _local_bytes(shape, cur, itemsize, sizes)
 
-    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
-    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
-    moved = {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+    src_where, dst_where, moved = _placement(src, dst)
     s_ = [tuple(a for a in d if a not in moved) for d in src.dims]
     d_ = [tuple(a for a in d if a not in moved) for d in dst.dims]
     reduce = [a for a in src.partial if a not in dst.partial]
@@ -306,9 +311,7 @@ def leading_slices(src: TensorSharding, dst: TensorSharding) -> dict[int, tuple[
     """The local slices step 1 of `reshard_collectives` starts with, per dimension: the axes a
     dimension gains after its own (no axis leaving it) that split nothing else in `src`. XLA cuts
     these first (a dynamic-slice), whatever collectives follow."""
-    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
-    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
-    moved = {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+    src_where, dst_where, moved = _placement(src, dst)
     out: dict[int, tuple[str, ...]] = {}
     for i, (sd, dd) in enumerate(zip(src.dims, dst.dims)):
         if any(a in moved for a in sd):
@@ -329,9 +332,7 @@ def after_reduction(src: TensorSharding, dst: TensorSharding) -> TensorSharding:
     partial op result to this: constraining it to `dst` itself lets GSPMD re-plan the producing
     dot instead (e.g. gather a batch-sized operand over `model` to make a weight gradient split
     differently), where the simulator prices reducing first and moving the small result after."""
-    src_where = {a: i for i, d in enumerate(src.dims) for a in d}
-    dst_where = {a: i for i, d in enumerate(dst.dims) for a in d}
-    moved = {a for a in src_where if a in dst_where and src_where[a] != dst_where[a]}
+    src_where, dst_where, moved = _placement(src, dst)
     cur = [list(d) for d in src.dims]
     reduce = [a for a in src.partial if a not in dst.partial]
     scatter: dict[int, list[str]] = {}
