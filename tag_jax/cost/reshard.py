@@ -307,22 +307,27 @@ def reshard_collectives(src: TensorSharding, dst: TensorSharding, shape: Sequenc
     return tuple(c for c in comms if c.bytes > 0 and math.prod(sizes[a] for a in c.axes) > 1)
 
 
-def leading_slices(src: TensorSharding, dst: TensorSharding) -> dict[int, tuple[str, ...]]:
-    """The local slices step 1 of `reshard_collectives` starts with, per dimension: the axes a
-    dimension gains after its own (no axis leaving it) that split nothing else in `src`. XLA cuts
-    these first (a dynamic-slice), whatever collectives follow."""
-    src_where, dst_where, moved = _placement(src, dst)
-    out: dict[int, tuple[str, ...]] = {}
+def _extensions(src: TensorSharding, dst: TensorSharding):
+    """(dimension, axes) for each dimension whose split in `dst` extends its split in `src` (no
+    axis leaving it): the axes it gains that split nothing in `src` (partial ones included)."""
+    src_where, _, moved = _placement(src, dst)
     for i, (sd, dd) in enumerate(zip(src.dims, dst.dims)):
         if any(a in moved for a in sd):
             continue
         s_ = tuple(a for a in sd if a not in moved)
         d_ = tuple(a for a in dd if a not in moved)
         if d_[:len(s_)] == s_:
-            got = tuple(a for a in d_[len(s_):] if a not in src_where and a not in src.partial)
+            got = tuple(a for a in d_[len(s_):] if a not in src_where)
             if got:
-                out[i] = got
-    return out
+                yield i, got
+
+
+def leading_slices(src: TensorSharding, dst: TensorSharding) -> dict[int, tuple[str, ...]]:
+    """The local slices step 1 of `reshard_collectives` starts with, per dimension: the axes a
+    dimension gains after its own (no axis leaving it) that split nothing else in `src`. XLA cuts
+    these first (a dynamic-slice), whatever collectives follow."""
+    out = {i: tuple(a for a in got if a not in src.partial) for i, got in _extensions(src, dst)}
+    return {i: got for i, got in out.items() if got}
 
 
 def after_reduction(src: TensorSharding, dst: TensorSharding) -> TensorSharding:
@@ -332,23 +337,15 @@ def after_reduction(src: TensorSharding, dst: TensorSharding) -> TensorSharding:
     partial op result to this: constraining it to `dst` itself lets GSPMD re-plan the producing
     dot instead (e.g. gather a batch-sized operand over `model` to make a weight gradient split
     differently), where the simulator prices reducing first and moving the small result after."""
-    src_where, dst_where, moved = _placement(src, dst)
     cur = [list(d) for d in src.dims]
     reduce = [a for a in src.partial if a not in dst.partial]
     scatter: dict[int, list[str]] = {}
-    for i, (sd, dd) in enumerate(zip(src.dims, dst.dims)):
-        if any(a in moved for a in sd):
-            continue
-        s_ = tuple(a for a in sd if a not in moved)
-        d_ = tuple(a for a in dd if a not in moved)
-        if d_[:len(s_)] == s_:
-            for a in d_[len(s_):]:
-                if a in src_where:
-                    continue
-                if a in reduce:
-                    scatter.setdefault(i, []).append(a)
-                elif a not in src.partial:
-                    cur[i].append(a)
+    for i, got in _extensions(src, dst):
+        for a in got:
+            if a in reduce:
+                scatter.setdefault(i, []).append(a)
+            elif a not in src.partial:
+                cur[i].append(a)
     for i, axes in scatter.items():
         cur[i].extend(axes)
     return TensorSharding(tuple(tuple(c) for c in cur), tuple(a for a in src.partial if a in dst.partial))
