@@ -56,7 +56,8 @@ makes: no reduction; it is resharded from the layout the program pins it to (wan
 the reduction layout `reshard.after_reduction`, its partial axes as free slices:
 `Simulator._select_sources`). An operand an elementwise op wants as such a select
 (``b1 * mu`` added to a partial gradient) has no constraint in the program; XLA moves it to the
-layout the op's result is reduced to (`Simulator._retarget_selects`). An all-reduce whose every
+layout the op's result is reduced to (`Simulator._retarget_selects`; through a chain of
+selects, where the chain ends non-partial: `Simulator._chain_end`). An all-reduce whose every
 later use, directly or through transposes/reshapes (and ``x ** 1``, which XLA removes), only
 slices it 1/n by the reduced axes (possibly before moving the slice) is what XLA:CPU writes for a
 reduce-scatter, and is counted as one (`Simulator._sliced_all_reduces`).
@@ -718,11 +719,39 @@ class Simulator:
             o = int(o_all[n])
             d_all[n] = reduced_to(o, int(pbits[tsh[o]]))
         ok = d_all >= 0
-        ok[ok] = pbits[d_all[ok]] == 0
+        on = np.flatnonzero(ok & (pbits[np.maximum(d_all, 0)] != 0))
+        if on.size:  # the target is a select wanted partial over other axes: follow the chain on
+            by_job = {(int(t), int(d)): int(i) for t, d, i in zip(jt[red].tolist(), jd[red].tolist(),
+                                                                   jc[red].tolist())}
+
+            def find(o: int) -> int:
+                d = direct(o)
+                return d if d >= 0 else reduced_to(o, int(pbits[tsh[o]]))
+
+            for n in on.tolist():
+                d_all[n] = self._chain_end(int(o_all[n]), int(d_all[n]), find, by_job, elem_out, shape_id)
         if ok.any():
             jd = jd.copy()
             jd[sel[ok]] = d_all[ok]
         return jt, js, jd
+
+    def _chain_end(self, o: int, d: int, find, by_job, elem_out, shape_id) -> int:
+        """The non-partial layout a chain of local selects from `o` (reduced towards the partial
+        `d`) ends in: the program pins only the chain's last select, where its consumer wants it
+        non-partial, and XLA computes the chain there (mlp-real random-1: Adam's update plus weight
+        decay, wanted partial(model) then partial(data), made in the update's P(data, None)); the
+        target without its partial axes where the chain stops being one."""
+        pbits, plain = self._partial_bits(), self._plain_ids()
+        for _ in range(8):
+            i = by_job.get((o, d), -1)
+            u = int(elem_out[i]) if i >= 0 else -1
+            nxt = find(u) if u >= 0 and shape_id[u] == shape_id[o] else -1
+            if nxt < 0:
+                break
+            o, d = u, nxt
+            if not pbits[d]:
+                return d
+        return int(plain[d])
 
     def _merge_targets(self, idx, jt, js, jd, jc):
         """Where each partial tensor of the reducing jobs `idx` is reduced to: (tensors sorted,
