@@ -344,3 +344,63 @@ def test_select_chain_operands_are_moved_to_where_the_chain_ends(meshes):
     predicted, real = _compare(f, (S((64, 64), F32), S((64, 64), F32)), (P("a", None), P(None, "b")),
                                pick, MESH2, meshes[MESH2])
     assert predicted == real
+
+
+@pytest.mark.parametrize("wants", [[P(None, None), P(None, "b"), P(None, "a")],
+                                   [P(None, "b"), P(None, "a")],
+                                   [P(None, "b"), P("b", None)]],
+                         ids=["full+b+a", "b+a", "b+b0"])
+def test_identical_leading_all_gathers_of_one_tensor_are_shared(wants, meshes):
+    """A weight ``P((a,b), None)`` wanted replicated, ``P(None, b)`` and ``P(None, a)``: each
+    reshard is one full all-gather over (a, b) (then a local slice), and XLA's CSE keeps one
+    (mlp-real random-1: dense_3.kernel gathered once for three targets, priced three times).
+    Reshards that start differently are not merged (``P(b, None)``: a permute, then a gather)."""
+    def f(w):
+        return w * 2.0, w * 3.0, w * 4.0
+
+    def pick(op, k):
+        if op.primitive == "mul":
+            w = wants[k % len(wants)]
+            return [w, P()], [w]
+        return None
+
+    predicted, real = _compare(f, (S((64, 64), F32),), (P(AB, None),), pick, MESH2, meshes[MESH2])
+    assert predicted == real
+
+
+CHAIN_ENDS = [
+    # (x's layout, what the chain's pinned end wants): XLA's collectives
+    (P(None, "b"), P("a", None)),  # run in P(a,b) (u and x sliced), one all-gather over b
+    (P(None, "a"), P("a", None)),  # conflict: u's P(a,None) wins, x moved by an all-to-all
+    (P("a", None), P("b", None)),  # run in P(a,None), one permute to the end
+    (P("a", None), P(None, "b")),  # run in P(a,None), sliced to P(a,b), an all-gather over a
+    (P("a", None), P("a", "b")),  # run in P(a,None), sliced: nothing
+]
+
+
+@pytest.mark.parametrize("x_sh,end", CHAIN_ENDS, ids=[f"{a}->{b}" for a, b in CHAIN_ENDS])
+def test_select_chain_runs_where_its_operands_merge(x_sh, end, meshes):
+    """A chain of local selects (``u + 0.1 * x`` wanted ``P(None,a)`` + partial(b), ``* 0.5``
+    wanted partial(a), then ``+ 1`` wanted `end`; u ``P(a,None)``): the program pins only the
+    last select (to `end`), so GSPMD propagates forward: the unpinned ops run in their operands'
+    layouts merged (first operand first), and the pinned one is moved once, an unpinned value
+    sliced towards the pin first. Not each operand moved to the end (mlp-real random-1: Adam's
+    update computed as ``[4096,2048]``, then one all-gather)."""
+    def f(u, x):
+        return ((u + 0.1 * x) * 0.5) + 1.0
+
+    def pick(op, k):
+        if op.primitive == "mul" and k == 0:
+            return [P(), x_sh], [x_sh]
+        if op.primitive == "add" and k == 0:
+            w = P(None, "a", partial="b")
+            return [w, w], [w]
+        if op.primitive == "mul":
+            return [P(None, None, partial="a"), P()], [P(None, None, partial="a")]
+        if op.primitive == "add":
+            return [end, P()], [end]
+        return None
+
+    predicted, real = _compare(f, (S((64, 64), F32), S((64, 64), F32)), (P("a", None), x_sh),
+                               pick, MESH2, meshes[MESH2])
+    assert predicted == real

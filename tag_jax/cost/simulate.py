@@ -57,7 +57,10 @@ the reduction layout `reshard.after_reduction`, its partial axes as free slices:
 `Simulator._select_sources`). An operand an elementwise op wants as such a select
 (``b1 * mu`` added to a partial gradient) has no constraint in the program; XLA moves it to the
 layout the op's result is reduced to (`Simulator._retarget_selects`; through a chain of
-selects, where the chain ends non-partial: `Simulator._chain_end`). An all-reduce whose every
+selects, where the chain ends non-partial: `Simulator._chain_end`); only the chain's last select
+is pinned, so its ops run in their operands' layouts merged, the pinned one's operands moved to
+the pin (`Simulator._select_chains`). Reshards of one tensor from one layout that start with the
+same all-gather share it (XLA's CSE; `Simulator._shared_gathers`). An all-reduce whose every
 later use, directly or through transposes/reshapes (and ``x ** 1``, which XLA removes), only
 slices it 1/n by the reduced axes (possibly before moving the slice) is what XLA:CPU writes for a
 reduce-scatter, and is counted as one (`Simulator._sliced_all_reduces`).
@@ -392,10 +395,13 @@ class Simulator:
         self._p_rbytes = np.zeros(0)            # local bytes of the resharded copy
         self._p_kb = np.zeros((0, len(KINDS)))  # per-device result bytes by kind
         self._p_comms: list = []
+        self._p_ag0 = np.zeros(0, np.int64)     # id of the reshard's leading all-gather, or -1
+        self._ag0_ids: dict = {}                # (axes, bytes) of a leading all-gather -> id
         self._p_dict: dict = {}                 # (shape class, src, dst) -> slot, for scalar lookups
         self._comm_cache: dict = {}
         self._root_cache: dict = {}             # tensor -> (tensors read, their shardings, roots)
         self._slice_cache: dict = {}            # (tensor, src, dst) -> `_only_sliced` and its inputs
+        self._chain_cache: dict = {}            # (tensor, pin) -> `_select_chains`' moves and inputs
         self._out_set = frozenset(g.outputs)
 
     def _ensure_shards(self) -> None:
@@ -439,7 +445,7 @@ class Simulator:
             miss, first = np.unique(keys[~hit], return_index=True)
             where = np.flatnonzero(~hit)[first]
             items = self._sh["sh"].items
-            dur, rb, kb = [], [], []
+            dur, rb, kb, ag0 = [], [], [], []
             for j in where.tolist():
                 t = self.graph.tensors[int(tids[j])]
                 d = items[int(dst[j])]
@@ -451,6 +457,7 @@ class Simulator:
                     row[_KIND_INDEX[c.kind]] += c.bytes
                 kb.append(row)
                 self._p_comms.append(comms)
+                ag0.append(self._ag0_id(comms))
             keys_all = np.concatenate([self._p_keys, miss])
             order = np.argsort(keys_all, kind="stable")
             self._p_keys = keys_all[order]
@@ -458,8 +465,37 @@ class Simulator:
             self._p_dur = np.concatenate([self._p_dur, dur])
             self._p_rbytes = np.concatenate([self._p_rbytes, rb])
             self._p_kb = np.concatenate([self._p_kb, np.array(kb, np.float64).reshape(-1, len(KINDS))])
+            self._p_ag0 = np.concatenate([self._p_ag0, np.array(ag0, np.int64)])
             idx = np.searchsorted(self._p_keys, keys)
         return self._p_slot[idx]
+
+    def _ag0_id(self, comms) -> int:
+        """An id of the reshard's leading collective when it is an all-gather (same axes and
+        bytes, same id), else -1."""
+        if not comms or comms[0].kind != "all-gather":
+            return -1
+        key = (tuple(comms[0].axes), int(comms[0].bytes))
+        return self._ag0_ids.setdefault(key, len(self._ag0_ids))
+
+    def _shared_gathers(self, kb, slots, ut, us):
+        """Reshards of one tensor from one layout that start with the same all-gather share it:
+        XLA's CSE merges the identical all-gathers (a weight wanted replicated, ``P(None, b)`` and
+        ``P(None, a)`` from ``P((a,b), None)``: one full gather, each target sliced from it;
+        mlp-real random-1's ``dense_3.kernel``)."""
+        ag = self._p_ag0[slots]
+        m = np.flatnonzero(ag >= 0)
+        if m.size < 2:
+            return kb
+        key = (ut[m] << 42) | (us[m] << 21) | ag[m]
+        _, first, count = np.unique(key, return_index=True, return_counts=True)
+        dup = count > 1
+        if not dup.any():
+            return kb
+        kb = kb.copy()
+        gi = _KIND_INDEX["all-gather"]
+        for j, n in zip(m[first[dup]].tolist(), count[dup].tolist()):
+            kb[gi] -= (n - 1) * self._p_comms[int(slots[j])][0].bytes
+        return kb
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _shardings(self, strategy: Strategy) -> tuple[np.ndarray, np.ndarray]:
@@ -539,6 +575,7 @@ class Simulator:
             pbits = self._partial_bits()
             red = red[(pbits[js[red]] & ~pbits[jd[red]]) != 0]
         if red.size:
+            wp = np.flatnonzero(self._partial_bits()[jd] != 0)  # jobs wanting a partial operand
             jt, js, jd = self._retarget_selects(jt, js, jd, jc, red, tsh)
         if red.size:  # XLA reduces a partial sum where it is made, not after linear ops carry it
             items, shapes = sh["sh"].items, sh["t_shape"]
@@ -566,14 +603,18 @@ class Simulator:
                 select[other] = [not self._makes_sum(int(p), int(c[p])) for p in ps.tolist()]
             plain = self._plain_ids()
             sel = red[select]
-            js[sel] = self._select_sources(jt[sel], js[sel], jd[sel], c)
+            pinned: list = []
+            js[sel] = self._select_sources(jt[sel], js[sel], jd[sel], c, pinned)
+            ends = sel[pinned].tolist()
             todo = red[carries]
             for k, roots in zip(todo.tolist(), self._roots_of(jt[todo], tsh, c)):
                 t0 = int(jt[k])
                 if t0 in roots:
                     continue
                 if not roots:  # made partial only by local selects: XLA never makes it partial
-                    js[k] = self._select_sources(jt[k:k + 1], js[k:k + 1], jd[k:k + 1], c)[0]
+                    pinned = []
+                    js[k] = self._select_sources(jt[k:k + 1], js[k:k + 1], jd[k:k + 1], c, pinned)[0]
+                    ends.extend(k for _ in pinned)
                     continue
                 # reduced at each root (towards d0 where the root has t0's shape, else in place);
                 # t0 is then made from reduced values, as t0 without its partial axes: moved to d0
@@ -589,6 +630,7 @@ class Simulator:
                 p0 = int(plain[tsh[t0]])
                 if p0 != dk and any(shapes[r] != shapes[t0] for r in roots):
                     xt.append(t0), xs.append(p0), xd.append(dk), xc.append(int(jc[k]))
+            self._select_chains(ends, wp, jt, js, jd, jc, tsh, c)
             if xt:
                 jt, js = np.concatenate([jt, xt]), np.concatenate([js, xs])
                 jd, jc = np.concatenate([jd, xd]), np.concatenate([jc, xc])
@@ -628,13 +670,14 @@ class Simulator:
                 jt, js, jd, jc = jt[keep], js[keep], jd[keep], jc[keep]
         return jt, js, jd, jc
 
-    def _select_sources(self, ts, srcs, dsts, c) -> np.ndarray:
+    def _select_sources(self, ts, srcs, dsts, c, pinned: list | None = None) -> np.ndarray:
         """Where a local select (a partial result no sum made, `srcs` its partial shardings) is
         resharded from towards `dsts`: the program computes it in the layout `tag_jax.emit` pins
         it to, which, when every consumer wants one non-partial sharding, is that sharding's
         `reshard.after_reduction` (the partial axes taken as free slices: ``P(None,b)+partial(a)``
         wanted ``P(a,None)`` is made as ``P(a,b)``, then all-gathered over b); otherwise it is
-        left unconstrained and made without its partial axes."""
+        left unconstrained and made without its partial axes. `pinned` gets the positions of
+        the pinned ones."""
         sh = self._sh
         plain = self._plain_ids()
         out = plain[srcs].copy()
@@ -655,6 +698,8 @@ class Simulator:
                 self._ensure_shards()
             if not self._partial_bits()[got]:
                 out[n] = got
+                if pinned is not None:
+                    pinned.append(n)
         return out
 
     def _retarget_selects(self, jt, js, jd, jc, red, tsh):
@@ -752,6 +797,85 @@ class Simulator:
             if not pbits[d]:
                 return d
         return int(plain[d])
+
+    def _select_chains(self, ends, wp, jt, js, jd, jc, tsh, c) -> None:
+        """Where the ops of a chain of local selects run (in place on the job arrays): the program
+        pins only the chain's last select (`_select_sources`: its `js`), so GSPMD propagates
+        shardings forward from the chain's operands: an unpinned elementwise op runs in its
+        operands' layouts merged (`_merged`, first operand first: ``P(a,None)`` and ``P(None,b)``
+        give ``P(a,b)``, each operand sliced to it), and the pinned op's operands are each moved
+        to the pin (toys in tests/test_fidelity_random.py; mlp-real random-1's Adam update,
+        ``[4096,2048]`` then one all-gather over model); an unpinned operand is sliced
+        towards the pin before it moves (``P(a,None)`` to ``P(None,b)``: an all-gather over a of
+        the ``P(a,b)`` piece, not of the whole tensor). `wp`: the jobs whose consumer wants its
+        operand partial (before `_retarget_selects`): the chain's edges."""
+        if not ends:
+            return
+        sh, g = self._sh, self.graph
+        pbits = self._partial_bits()
+        # a chain of one op ending where it is pinned is `_retarget_selects`' already
+        e = np.array(ends, np.int64)
+        prod = np.maximum(sh["producer"][jt[e]], 0)
+        deep = np.bincount(sh["e_op"], self._partial_mask()[tsh[sh["e_t"]]], minlength=sh["n_ops"] + 1)
+        e = e[(deep[prod] > 0) | (js[e] != jd[e])]
+        if not e.size:
+            return
+        want, in_base, nin, items = sh["want"], sh["in_base"], sh["nin"], sh["sh"].items
+        elem_out, shape_id = self._elementwise_out()
+        edge = dict(zip(zip(jt[wp].tolist(), jc[wp].tolist()), wp.tolist()))
+
+        def run(q: int, moves: list, read: list, pin: int = -1) -> int:
+            # op q's result layout (-1: not a chain); its operands' moves into `moves`
+            out, got = int(elem_out[q]), []
+            read.append(q)
+            for pos, x in enumerate(g.ops[q].inputs):
+                if shape_id[x] != shape_id[out]:
+                    continue  # a scalar or broadcast operand
+                w = int(want[in_base[q] + c[q] * nin[q] + pos])
+                if not pbits[w]:
+                    got.append((-1, w, False))  # pinned by its own operand constraint
+                    continue
+                e_ = (int(x), q)
+                read.append(~int(x))
+                if not pbits[tsh[x]]:
+                    got.append((e_, int(tsh[x]), False))  # a chain operand (pinned as made)
+                    continue
+                p = int(sh["producer"][x])
+                if p < 0 or elem_out[p] != x or len(g.tensors[x].consumers) != 1:
+                    return -1  # a partial sum or a shared select: not a chain
+                inner = run(p, moves, read)
+                if inner < 0:
+                    return -1
+                got.append((e_, inner, True))
+            if not got:
+                return -1
+            merged = sh["sh"](_merged([items[d] for _, d, _ in got]))
+            for e_, d, free in got:
+                if e_ != -1 and pin < 0:
+                    moves.append((e_, d, merged))
+                elif e_ != -1:  # an unpinned value is sliced towards the pin first (`reshard` 0c)
+                    moves.append((e_, sh["sh"](_merged([items[d], items[pin]])) if free else d, pin))
+            return merged
+
+        cache = self._chain_cache
+        for k in e.tolist():
+            t, pin = int(jt[k]), int(js[k])
+            hit = cache.get((t, pin))
+            if hit is not None and np.array_equal(c[hit[0]], hit[1]) and np.array_equal(tsh[hit[2]], hit[3]):
+                moves = hit[4]
+            else:
+                p = int(sh["producer"][t])
+                moves, read = [], []
+                if p < 0 or elem_out[p] != t or run(p, moves, read, pin) < 0:
+                    moves = []
+                ops = np.array([r for r in read if r >= 0], np.int64)
+                ts = np.array([~r for r in read if r < 0], np.int64)
+                cache[(t, pin)] = (ops, c[ops], ts, tsh[ts], moves)
+            for e_, d, to in moves:
+                j = edge.get(e_, -1)
+                if j >= 0:
+                    js[j], jd[j] = d, to
+        self._ensure_shards()
 
     def _merge_targets(self, idx, jt, js, jd, jc):
         """Where each partial tensor of the reducing jobs `idx` is reduced to: (tensors sorted,
@@ -1046,6 +1170,7 @@ class Simulator:
         kb = self._p_kb[slots].sum(axis=0) if len(ut) else np.zeros(len(KINDS))
         if len(ut):
             kb = self._sliced_all_reduces(kb, slots, ut, us, ud, c, tsh)
+            kb = self._shared_gathers(kb, slots, ut, us)
         compute_s = float(comp.sum())
         comm_s = float(dur.sum())
         live = np.flatnonzero(dur > 0)  # free reshards (local slices) never wait for the network
@@ -1110,7 +1235,7 @@ class Simulator:
         and the shardings of the tensors the walk read."""
         cache = self._slice_cache
         key = (t, src, dst)
-        sh, g, items = self._sh, self.graph, self._sh["sh"].items
+        g, items = self.graph, self._sh["sh"].items
         want_ax = set(axes)
         L0 = items[dst]
         seen_ops, seen_t = [], [t]
@@ -1415,7 +1540,7 @@ class Simulator:
         got = getattr(self, "_cpu_temp_arrays", None)
         if got is not None:
             return got
-        g, sh, items, sizes = self.graph, self._sh, self._sh["sh"].items, self.mesh.axes
+        g, sh, sizes = self.graph, self._sh, self.mesh.axes
         canon = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
         ops, per_row = [], np.zeros(len(sh["row_op"]))
         for i, op in enumerate(g.ops):
