@@ -13,17 +13,20 @@ topologies are the same.
 
 (a) zero-shot: the policy's plan alone (`search(..., time_budget_s=0, policy=...)`: features, one
     network call over every candidate mesh, three readings of its scores and the hand-written
-    baselines (data parallel, FSDP, Megatron on 2-D meshes) priced on each of its three
-    top-ranked meshes, the fastest kept; no search moves; its simulator evaluations are counted
+    baselines (data parallel, FSDP, Megatron on 2-D meshes, the replicated plan) priced on each of
+    the three meshes whose seeds its ranking head scores highest, the fastest kept; no search
+    moves; its simulator evaluations are counted
     in the `policy alone evals` column) against the full unguided search
     (`time_budget_s=--budget-s`) and data parallel;
 (b) guided vs unguided search, counted in simulator evaluations: every pricing of a plan (a seed,
     a decision vector) and every priced move of op-option annealing (`anneal_ops`, incremental)
     counts one. Unguided: the planner's seeds without the ILP (data parallel and FSDP on each 1-D
-    mesh, Megatron on each 2-D mesh, the replicated plan; the planner's candidate meshes, those of
+    mesh, Megatron on each 2-D mesh, the replicated plan once per set of devices:
+    `features.seed_candidates`, in the planner's order; the planner's candidate meshes, those of
     the faster devices only included), then op-option annealing from the best
-    of them for the rest of the budget. Guided: the policy's two plans on the mesh it ranks first
-    (its op options; its argument shardings propagated), then the same seeds, then op-option
+    of them for the rest of the budget. Guided: the seed the policy's ranking head puts first,
+    the policy's two plans on that seed's mesh (its op options; its argument shardings
+    propagated), then the other seeds in the ranking's order (the same seeds), then op-option
     annealing from the best start with the policy's move prior. Reported: evaluations until
     within 2% of the unguided best, and the best of each at the same budget (--evals).
 """
@@ -42,6 +45,7 @@ import tag_jax
 from tag_jax import models
 from tag_jax.baselines import baseline_strategy
 from tag_jax.policy import Policy, zoo
+from tag_jax.policy.features import seed_candidates
 from tag_jax.policy.teacher import mesh_problem
 from tag_jax.search.anneal import anneal_ops, candidate_meshes
 from tag_jax.search.planner import replicated_strategy, search
@@ -75,24 +79,33 @@ def search_curve(graph, problems, limit: float, evals: int, guide=None, seed: in
         trace.append(min(score, trace[-1]) if trace else score)
         starts.append((score, len(starts), k, strategy))
 
-    if guide is not None:
-        k = max(range(len(problems)), key=lambda i: guide[i].mesh_logit)
+    def price_seed(k, kind):
         ann = problems[k][0]
-        plan = guide[k].strategy(graph)
+        plan = replicated_strategy(graph, ann.mesh) if kind == "replicated" else baseline_strategy(
+            kind, graph, ann.op_strategies, ann.mesh, simulator=ann.sim, memory_limit=limit)
         add(_priced(ann, plan, limit), k, plan)
-        score, _, strategy = ann.evaluate(guide[k].decision)
+
+    # the planner's order: its meshes in turn, the replicated plan once per set of devices
+    order = seed_candidates([ann.mesh for ann, _ in problems])
+    guides = None
+    if guide is not None:
+        # the seed the policy ranks first, its two plans on that seed's mesh, the other seeds in
+        # the policy's order
+        guides, ranking = guide
+        ranked = [(k, kind) for k, kind, _ in ranking]
+        order = ranked + [s for s in order if s not in ranked]  # (none left out: a check)
+        k = order[0][0]
+        price_seed(*order.pop(0))
+        ann = problems[k][0]
+        plan = guides[k].strategy(graph)
+        add(_priced(ann, plan, limit), k, plan)
+        score, _, strategy = ann.evaluate(guides[k].decision)
         add(score, k, strategy)
-    for k, (ann, seeds) in enumerate(problems):
-        kinds = ("megatron",) if len(ann.mesh.shape) == 2 else ("data_parallel", "fsdp")
-        plans = [baseline_strategy(kind, graph, ann.op_strategies, ann.mesh, simulator=ann.sim,
-                                   memory_limit=limit) for kind in kinds]
-        if k == 0:
-            plans.append(replicated_strategy(graph, ann.mesh))
-        for plan in plans:
-            add(_priced(ann, plan, limit), k, plan)
+    for k, kind in order:
+        price_seed(k, kind)
     score, _, k, start = min(starts, key=lambda s: s[:2])
     ann = problems[k][0]
-    prior = guide[k].op_prior if guide is not None else None
+    prior = guides[k].op_prior if guides is not None else None
     left = evals - len(trace)
     # anneal_ops is deterministic given its generator: the run stopped after m moves is the first
     # m moves of a longer one, so its result is the best after m evaluations
@@ -148,7 +161,7 @@ def main(argv=None) -> None:
         meshes = candidate_meshes(ids, topo, leave_out=True)  # the planner's meshes
         limit = 0.9 * min(d.memory for d in topo.devices)
         problems = [mesh_problem(graph, topo, m, limit) for m in meshes]
-        guide = policy.guide(graph, topo, meshes)
+        guide = policy.assess(graph, topo, meshes)
         plain = search_curve(graph, problems, limit, args.evals)
         guided = search_curve(graph, problems, limit, args.evals, guide)
         target = min(plain) * 1.02
@@ -194,8 +207,10 @@ def write(rows, args, policy) -> None:
     lines = [
         f"# The learned policy on held-out models and topologies ({which} held-out set)",
         "",
-        f"Command: `python benchmarks/policy.py{flag} --budget-s {args.budget_s:g} --evals {args.evals}` "
-        f"(weights: {policy.meta.get('problems', '?')} training problems, "
+        f"Command: `python benchmarks/policy.py{flag} --budget-s {args.budget_s:g} --evals {args.evals} "
+        f"--out {args.out}` "
+        f"(weights: {policy.meta.get('problems', '?')} searched training problems and "
+        f"{policy.meta.get('seed_problems', 0)} with priced seeds only, "
         f"teacher {policy.meta.get('teacher', '?')}, feature schema {policy.meta.get('schema', '?')}). "
         "All times are the simulator's predicted step times; none of these models, sizes or "
         f"topologies was drawn in training (models: `tag_jax.policy.zoo.{models_var}`; topologies: "
@@ -228,7 +243,9 @@ def write(rows, args, policy) -> None:
         f"and {statistics.median(r['policy_evals'] for r in rows):g} simulator evaluations median "
         f"({min(r['policy_evals'] for r in rows)}-{max(r['policy_evals'] for r in rows)}; features and "
         "one network call over every candidate mesh, then three readings and the baselines priced "
-        "on each of its top three meshes; the first call of a padded shape compiles the network); "
+        "on each of the three meshes whose seeds it ranks highest, data parallel, FSDP and the "
+        "replicated plan once per set of devices; the first call of a padded shape compiles the "
+        "network); "
         f"a baseline's plan is the one kept in {kept} cases.",
         "",
     ]

@@ -261,6 +261,7 @@ def test_each_command_help_has_an_example(capsys, command):
     (["--problems", "1"], "--problems 1: need at least 2 (one is held out for validation)"),
     (["--epochs", "0"], "--budget, --epochs and --max-minutes must be positive"),
     (["--out", "/no/such/folder/w.npz"], "--out /no/such/folder/w.npz: folder /no/such/folder does not exist"),
+    (["--seed-problems", "-1"], "--seed-problems -1: must be 0 or more"),
 ])
 def test_train_policy_bad_options(capsys, argv, message):
     assert fails(capsys, "train-policy", *argv) == f"tag-jax train-policy: error: {message}"
@@ -271,9 +272,12 @@ def test_train_policy_writes_weights_the_planner_loads(tmp_path, capsys):
 
     out = tmp_path / "mine.npz"
     rc, _, err = run(capsys, "train-policy", "--problems", "2", "--budget", "0.3", "--epochs", "1",
-                     "--out", str(out), "--cache", str(tmp_path / "cache"))
-    assert rc == 0 and out.exists() and "training" in err  # progress shown
+                     "--seed-problems", "2", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                     "--seed-cache", str(tmp_path / "seeds"))
+    assert rc == 0 and out.exists() and "training" in err and "pricing seeds" in err  # progress shown
     assert isinstance(resolve(str(out)), Policy)
+    assert len(list((tmp_path / "seeds").glob("*.json"))) == 2
+    assert resolve(str(out)).meta["seed_problems"] >= 1
 
 
 # ---- the installed entry point -------------------------------------------------------------------

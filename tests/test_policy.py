@@ -285,9 +285,9 @@ def test_zero_budget_returns_the_policy_plan_and_it_computes_the_same_step(mlp, 
     # a few readings of its scores and the baselines priced (no search moves), on its top meshes
     from tag_jax.policy.guide import BASELINES_TRIED, MESHES_TRIED
 
-    assert 1 <= plan.search.evaluations <= (3 + 2 * len(BASELINES_TRIED)) * MESHES_TRIED
+    assert 1 <= plan.search.evaluations <= (4 + 2 * len(BASELINES_TRIED)) * MESHES_TRIED
     names = [f"{kind} (mesh choice {k + 1})" for k in range(MESHES_TRIED)
-             for kind in ("policy",) + BASELINES_TRIED]
+             for kind in ("policy", "replicated") + BASELINES_TRIED]
     assert set(plan.search.seeds) <= set(names) and "policy (mesh choice 1)" in plan.search.seeds
     assert any(plan.strategy.name.startswith(f"tag_jax ({n})") for n in names)  # (+ compression)
     assert plan.cost.step_time_s > 0
@@ -307,7 +307,8 @@ def test_policy_alone_is_never_slower_than_the_baselines_on_its_top_mesh(mlp, po
     graph = mlp[1]
     r = search(graph, TOPO, list(TOPO.ids), time_budget_s=0, policy=policy)
     meshes = candidate_meshes(TOPO.ids, TOPO, leave_out=True)  # the planner's meshes
-    top = max(policy.guide(graph, TOPO, meshes), key=lambda g: g.mesh_logit)
+    guides, ranking = policy.assess(graph, TOPO, meshes)
+    top = guides[ranking[0][0]]  # the mesh of the seed ranked first
     ops = top.context.op_strategies
     sim = Simulator(graph, ops, TOPO, top.mesh, carried=carried_outputs(graph))
     kinds = ("data_parallel", "fsdp") + (("megatron",) if len(top.mesh.shape) == 2 else ())
@@ -316,3 +317,62 @@ def test_policy_alone_is_never_slower_than_the_baselines_on_its_top_mesh(mlp, po
         assert r.cost.step_time_s <= base.step_time_s * (1 + 1e-9), kind
     # the evaluations count the baselines' pricings too: more than the 3 readings per mesh alone
     assert r.evaluations > 3 * len({k for k in r.seeds if k.startswith("policy (")})
+
+
+def test_seed_candidates_are_the_searchs_seeds_replication_once_per_set_of_devices():
+    mixed = tag_jax.Topology.preset("4xa100-4xv100")
+    meshes = candidate_meshes(mixed.ids, mixed, leave_out=True)
+    cands = features.seed_candidates(meshes)
+    assert len(set(cands)) == len(cands)
+    for k, m in enumerate(meshes):
+        kinds = {kind for j, kind in cands if j == k}
+        assert kinds - {"replicated"} == ({"megatron"} if len(m.shape) == 2 else {"data_parallel", "fsdp"})
+    sets = {frozenset(m.device_ids) for m in meshes}
+    replicated = [frozenset(meshes[k].device_ids) for k, kind in cands if kind == "replicated"]
+    assert len(sets) == 2 and sorted(map(len, replicated)) == [4, 8] and set(replicated) == sets
+
+
+def test_candidate_rows_describe_each_seeds_kind_memory_and_traffic(mlp):
+    graph = mlp[1]
+    meshes = candidate_meshes(TOPO.ids, TOPO)
+    cands = features.seed_candidates(meshes)
+    rows = features.candidate_rows(graph, TOPO, meshes, cands)
+    assert rows.shape == (len(cands), features.CANDIDATE_FEATURES) and np.isfinite(rows).all()
+    row = {c: r for c, r in zip(cands, rows)}
+    kind_cols = slice(7, 7 + len(features.RANK_KINDS))
+    for (k, kind), r in row.items():
+        assert r[kind_cols].tolist() == [float(kind == x) for x in features.RANK_KINDS]
+    dp, fsdp, rep = row[(0, "data_parallel")], row[(0, "fsdp")], row[(0, "replicated")]
+    mem, sync = 7 + len(features.RANK_KINDS), 8 + len(features.RANK_KINDS)
+    assert fsdp[mem] < dp[mem] == rep[mem]  # FSDP keeps 1/8 of the state
+    assert rep[sync] < dp[sync]  # replication moves nothing
+    # Megatron on (data=2, model=4): its data axis crosses the 25 GbE link as the 8-device ring
+    # does, but all-reduces only the model-split quarter of the gradients, between two devices
+    assert meshes[2].shape == (2, 4) and row[(2, "megatron")][sync] < dp[sync]
+
+
+def test_seed_times_price_the_seeds_as_the_search_does(mlp):
+    from tag_jax.policy.teacher import seed_times
+    from tag_jax.search.planner import _mesh_label
+
+    graph = mlp[1]
+    meshes = candidate_meshes(TOPO.ids, TOPO)
+    cands = features.seed_candidates(meshes)
+    times = seed_times(graph, TOPO, meshes, cands, None)
+    r = search(graph, TOPO, list(TOPO.ids), time_budget_s=2.0, permute=False)
+    for (k, kind), t in zip(cands, times):
+        name = f"{kind} {_mesh_label(meshes[k])}"
+        if name in r.seeds:
+            assert t == pytest.approx(r.seeds[name], rel=1e-9), name
+    assert sum(f"{kind} {_mesh_label(meshes[k])}" in r.seeds for k, kind in cands) >= 4
+    assert seed_times(graph, TOPO, meshes, cands[:1], 1.0) == [float("inf")]  # 1 byte fits nothing
+
+
+def test_assess_ranks_every_seed_once_best_first(mlp, policy):
+    graph = mlp[1]
+    meshes = candidate_meshes(TOPO.ids, TOPO)
+    guides, ranking = policy.assess(graph, TOPO, meshes)
+    assert len(guides) == len(meshes)
+    assert sorted((k, kind) for k, kind, _ in ranking) == sorted(features.seed_candidates(meshes))
+    scores = [s for _, _, s in ranking]
+    assert scores == sorted(scores, reverse=True) and all(s > NEG / 2 for s in scores)

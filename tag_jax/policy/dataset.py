@@ -7,6 +7,7 @@ are rebuilt from records by re-tracing the model (abstract, well under a second 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -15,12 +16,14 @@ from typing import Iterator
 import numpy as np
 
 TEACHER_VERSION = "teacher-2"  # bump when labels change meaning; keys the cache directory
+SEEDS_VERSION = "seeds-1"  # the same for the ranking head's priced seeds (`generate_seeds`)
+SEED_OFFSET = 50000  # seed problems draw from seed*100000 + SEED_OFFSET + i: none is a teacher's
 MESH_TIE = 0.01  # meshes within 1% of the best all count as the best (the mesh head's target)
 
 
-def default_cache() -> str:
+def default_cache(version: str = TEACHER_VERSION) -> str:
     root = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return os.path.join(root, "tag_jax", "policy-data", TEACHER_VERSION)
+    return os.path.join(root, "tag_jax", "policy-data", version)
 
 
 def _tuples(x):
@@ -78,6 +81,81 @@ def generate(n: int, seed: int = 0, cache: str | None = None, budget_s: float = 
     return out
 
 
+def _mesh_dicts(meshes) -> list[dict]:
+    return [{"shape": list(m.shape), "axis_names": list(m.axis_names),
+             "device_ids": list(m.device_ids)} for m in meshes]
+
+
+def _meshes(record: dict) -> list:
+    from tag_jax.strategy import MeshSpec
+
+    return [MeshSpec(tuple(m["shape"]), tuple(m["axis_names"]), tuple(m["device_ids"]))
+            for m in record["meshes"]]
+
+
+def _seed_labels(times: list[float]) -> list[float]:
+    """1 for the seeds within MESH_TIE of the fastest that fits, else 0 (all 0 if none fits)."""
+    least = min(times)
+    return [float(np.isfinite(t) and t <= least * (1 + MESH_TIE)) for t in times]
+
+
+def generate_seeds(n: int, seed: int = 0, cache: str | None = None, show: bool = True) -> list[dict]:
+    """n records for the ranking head alone, cheap (no search): a random model of
+    `zoo.random_scaled_model` on a random topology, its planner meshes, and every hand-written seed
+    (`features.seed_candidates`) priced by `teacher.seed_times` ("seeds": [mesh index, kind,
+    seconds or None where it does not fit])."""
+    from tag_jax.cost.simulate import USABLE_MEMORY
+    from tag_jax.policy import features, teacher, zoo
+    from tag_jax.search.anneal import candidate_meshes
+
+    cache = cache or default_cache(SEEDS_VERSION)
+    os.makedirs(cache, exist_ok=True)
+    out, t0, fresh = [], time.perf_counter(), 0
+    for i in range(n):
+        key = seed * 100000 + SEED_OFFSET + i
+        path = os.path.join(cache, f"{key:07d}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out.append(json.load(f))
+        else:
+            rng = np.random.default_rng(key)
+            family, config = zoo.random_scaled_model(rng)
+            topo = zoo.random_topology(rng, name=f"random-{key}")
+            graph, topology = build_problem(family, config, topo)
+            meshes = candidate_meshes(topology.ids, topology, leave_out=True)
+            cands = features.seed_candidates(meshes)
+            times = teacher.seed_times(graph, topology, meshes, cands,
+                                       USABLE_MEMORY * min(d.memory for d in topology.devices))
+            rec = {"family": family, "config": config, "topology": topo, "meshes": _mesh_dicts(meshes),
+                   "seeds": [[k, kind, t if np.isfinite(t) else None] for (k, kind), t in zip(cands, times)]}
+            with open(path + ".tmp", "w") as f:
+                json.dump(rec, f)
+            os.replace(path + ".tmp", path)
+            out.append(rec)
+            fresh += 1
+        if show:
+            progress(i + 1, n, t0, f"pricing seeds ({fresh} new)")
+    return out
+
+
+def seed_graph(record: dict):
+    """The one GraphsTuple of a `generate_seeds` record: the first mesh's graph carrying every
+    seed and which are the best; no other labels (`valid` 0: the mesh and value heads skip it)."""
+    from tag_jax.policy import features
+
+    graph, topology = build_problem(record["family"], record["config"], record["topology"])
+    meshes = _meshes(record)
+    cands = [(int(k), kind) for k, kind, _ in record["seeds"]]
+    times = [math.inf if t is None else float(t) for _, _, t in record["seeds"]]
+    if not any(np.isfinite(times)):
+        return None
+    ctx = features.context(graph, meshes[0])
+    g = features.build(graph, topology, meshes[0], ctx,
+                       candidates=features.candidate_rows(graph, topology, meshes, cands),
+                       candidate_best=_seed_labels(times))
+    return g._replace(globals=dict(g.globals, valid=np.zeros(1, np.float32)))
+
+
 def class_labels(ctx, choices) -> list[int]:
     """Each op class's option in a plan (the most common among its members, lowest on ties)."""
     out = []
@@ -89,20 +167,32 @@ def class_labels(ctx, choices) -> list[int]:
 
 def graphs_of(record: dict, inst: int) -> Iterator:
     """Labelled GraphsTuples, one per mesh of the record; globals mark the best mesh."""
-    from tag_jax.policy import features
-    from tag_jax.strategy import MeshSpec
+    from tag_jax.cost.simulate import USABLE_MEMORY
+    from tag_jax.policy import features, teacher
 
     graph, topology = build_problem(record["family"], record["config"], record["topology"])
     best = min(m["score"] for m in record["meshes"])
-    for m in record["meshes"]:
+    meshes = _meshes(record)
+    # The seeds of every mesh, priced (the ranking head's labels), carried by the first graph.
+    cands = features.seed_candidates(meshes)
+    times = teacher.seed_times(graph, topology, meshes, cands,
+                               USABLE_MEMORY * min(d.memory for d in topology.devices))
+    least = min(times)
+    seed_best = _seed_labels(times)
+    rows = features.candidate_rows(graph, topology, meshes, cands)
+    ranked = False
+    for m, mesh in zip(record["meshes"], meshes):
         if not np.isfinite(m["score"]):
             continue
-        mesh = MeshSpec(tuple(m["shape"]), tuple(m["axis_names"]), tuple(m["device_ids"]))
         ctx = features.context(graph, mesh)
         if len(ctx.groups) + 1 != len(m["decision"]) or len(m["choices"]) != len(graph.ops):
             continue  # the decision units changed since the record was made
+        carry = not ranked and np.isfinite(least)
+        ranked = ranked or carry
         g = features.build(graph, topology, mesh, ctx, labels=m["decision"],
-                           op_labels=class_labels(ctx, m["choices"]))
+                           op_labels=class_labels(ctx, m["choices"]),
+                           candidates=rows if carry else None,
+                           candidate_best=seed_best if carry else None)
         ok = np.isfinite(m["score"]) and np.isfinite(m["dp"])
         glob = dict(g.globals, inst=np.array([inst + 1], np.int32),
                     best=np.array([float(m["score"] <= best * (1 + MESH_TIE))], np.float32),

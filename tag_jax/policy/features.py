@@ -36,12 +36,15 @@ import numpy as np
 
 from tag_jax.hlo.graph import OpGraph, Role
 
-SCHEMA_VERSION = "tag_jax-policy-features-2"
+SCHEMA_VERSION = "tag_jax-policy-features-3"
 MAX_OPTIONS = 32
 NODE_FEATURES = 26
 OPTION_FEATURES = 13
 EDGE_FEATURES = 4
 GLOBAL_FEATURES = 9
+RANK_KINDS = ("data_parallel", "fsdp", "megatron", "replicated")  # the seeds the ranking orders
+MAX_CANDIDATES = 32
+CANDIDATE_FEATURES = 17
 EDGE_TYPES = ("op->op", "op<-op", "dev-dev", "op->dev", "dev->op", "cls->cls", "cls<-cls",
               "cls->op", "op->cls")
 OP, BATCH, DEVICE, CLASS = 0, 1, 2, 3  # node types (padding nodes are zero rows with type 0 and no options)
@@ -197,13 +200,33 @@ def _op_option_row(j, s, is_dp, mesh, t_c, out_bytes, T, max_bw, ring_bw, out_sh
     return row
 
 
+def op_times(graph: OpGraph, devs) -> np.ndarray:
+    """[ops, devices] compute time of every op on each device (roofline, 16-bit rate for 16-bit
+    outputs; float32 dots and convolutions at the device's default-precision matmul rate, as the
+    simulator)."""
+    flops = np.array([op.flops for op in graph.ops], np.float64)
+    nbytes = np.array([op.bytes for op in graph.ops], np.float64)
+    half = np.array([bool(op.outputs) and graph.tensors[op.outputs[0]].dtype.itemsize <= 2
+                     for op in graph.ops])
+    mm = np.array([op.primitive in ("dot_general", "conv_general_dilated") for op in graph.ops])
+    rate = np.where(half[:, None], [d.flops for d in devs],
+                    np.where(mm[:, None], [d.matmul_flops_fp32 for d in devs],
+                             [d.flops_fp32 for d in devs])) * _EFF
+    return np.maximum(flops[:, None] / rate,
+                      nbytes[:, None] / (np.array([d.memory_bandwidth for d in devs]) * _MEM_EFF))
+
+
 def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] | None = None,
           labels: Sequence[int] | None = None,
-          op_labels: Sequence[int] | None = None) -> jraph.GraphsTuple:
+          op_labels: Sequence[int] | None = None,
+          candidates: np.ndarray | None = None,
+          candidate_best: Sequence[float] | None = None) -> jraph.GraphsTuple:
     """One unpadded GraphsTuple (numpy) for `graph` on `mesh`; `decision` is the current choice
     (default: replicated weights, batch over every axis, i.e. data parallel), `labels` the teacher's
     decision vector and `op_labels` its option for every op class (stored in nodes["label"], not
-    read by the network). Nodes: groups, the batch, op classes, devices (in that order)."""
+    read by the network). Nodes: groups, the batch, op classes, devices (in that order).
+    `candidates` (`candidate_rows`, for all the problem's meshes; one graph of a problem carries
+    them) are the seeds the ranking head scores, `candidate_best` its target (1 for the best)."""
     groups, G = ctx.groups, len(ctx.groups)
     classes, C = ctx.classes, len(ctx.classes)
     decision = list(decision) if decision is not None else default_decision(ctx)
@@ -212,17 +235,9 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
     F0 = G + 1 + C  # first device node
     owner = assign_ops(graph, groups)
 
-    # Per-op compute time on each device kind (roofline, 16-bit rate for 16-bit outputs).
     flops = np.array([op.flops for op in graph.ops], np.float64)
     nbytes = np.array([op.bytes for op in graph.ops], np.float64)
-    half = np.array([bool(op.outputs) and graph.tensors[op.outputs[0]].dtype.itemsize <= 2
-                     for op in graph.ops])
-    # (float32 dots and convolutions at the device's default-precision matmul rate, as the simulator)
-    mm = np.array([op.primitive in ("dot_general", "conv_general_dilated") for op in graph.ops])
-    rate = np.where(half[:, None], [d.flops for d in devs],
-                    np.where(mm[:, None], [d.matmul_flops_fp32 for d in devs],
-                             [d.flops_fp32 for d in devs])) * _EFF
-    t_op = np.maximum(flops[:, None] / rate, nbytes[:, None] / (np.array([d.memory_bandwidth for d in devs]) * _MEM_EFF))
+    t_op = op_times(graph, devs)
     t_gd = np.zeros((G + 1, D))
     np.add.at(t_gd, owner, t_op)
     T = float(np.linalg.norm(t_gd)) or 1.0
@@ -418,8 +433,97 @@ def build(graph: OpGraph, topology, mesh, ctx: Context, decision: Sequence[int] 
         senders=np.asarray(snd, np.int32), receivers=np.asarray(rcv, np.int32),
         n_node=np.array([N], np.int32), n_edge=np.array([len(snd)], np.int32),
         globals={"x": glob.astype(np.float32), "inst": np.zeros(1, np.int32),
+                 **_candidate_globals(candidates, candidate_best),
                  "best": np.zeros(1, np.float32), "value": np.zeros(1, np.float32),
                  "valid": np.ones(1, np.float32)})
+
+
+def seed_candidates(meshes: Sequence) -> list[tuple[int, str]]:
+    """(mesh index, kind) of the seeds the ranking head orders, as the search seeds them: data
+    parallel and FSDP on 1-D meshes, Megatron on 2-D ones, the replicated plan (every device
+    computing everything) once per set of devices."""
+    out, sets = [], set()
+    for k, m in enumerate(meshes):
+        kinds = ("megatron",) if len(m.shape) == 2 else ("data_parallel", "fsdp")
+        if frozenset(m.device_ids) not in sets:
+            sets.add(frozenset(m.device_ids))
+            kinds += ("replicated",)
+        out += [(k, kind) for kind in kinds]
+    return out[:MAX_CANDIDATES]
+
+
+def candidate_rows(graph: OpGraph, topology, meshes: Sequence,
+                   cands: Sequence[tuple[int, str]]) -> np.ndarray:
+    """[len(cands), CANDIDATE_FEATURES]: each seed's mesh (axis sizes, ring bandwidths of its axes
+    on the cluster's fastest link, share and speed of the devices it uses), its kind, and two
+    ratios a person would look at first: the bytes it keeps per device (parameters, gradients
+    and Adam moments, split as the kind splits them) over the mesh's smallest memory, and its
+    parameter bytes over its data axis's ring bandwidth against its compute per device (what
+    data parallel's gradient all-reduce costs next to the work), its compute per device (the
+    optimizer update repeated on every device or split, as the kind does it) against the least
+    of any seed and the update's share of it, and that compute and that all-reduce in seconds
+    (the only absolute scales: on small problems latency decides)."""
+    n_all = max(len(topology.devices), 2)
+    bwm = topology.bandwidth_matrix()
+    max_bw = float(bwm.max()) or 1.0
+    params = float(sum(graph.tensors[t].nbytes for t in graph.inputs
+                       if graph.tensors[t].role == Role.PARAMETER))
+    slowest_fp32 = min(d.flops_fp32 for d in topology.devices)
+    # Compute on each set of devices at its slowest device's pace (one SPMD program), apart for
+    # the optimizer update, which data parallel repeats on every device and FSDP splits.
+    update = np.array([bool(op.outputs) and graph.tensors[op.outputs[0]].role
+                       in (Role.UPDATE, Role.OUTPUT) for op in graph.ops])
+    work: dict[tuple, tuple[float, float]] = {}  # (forward and backward, update) on all devices
+    for k in {k for k, _ in cands}:
+        key = tuple(sorted(meshes[k].device_ids))
+        if key not in work:
+            t = op_times(graph, [topology.device(i) for i in key]).max(1)
+            work[key] = (float(t[~update].sum()), float(t[update].sum()))
+    least = min((f + u) / len(key) for key, (f, u) in work.items()) if work else 1.0
+    rows = np.zeros((len(cands), CANDIDATE_FEATURES))
+    for r, (k, kind) in enumerate(cands):
+        m = meshes[k]
+        devs = [topology.device(i) for i in m.device_ids]
+        key = tuple(sorted(m.device_ids))
+        names = list(m.axis_names)  # the first axis carries the batch, a second the model
+        dsz, msz = m.shape[0], (m.shape[1] if len(names) > 1 else 1)
+        data_bw = _ring_bw(topology, m, (names[0],))
+        split = {"data_parallel": 1, "fsdp": m.size, "megatron": msz, "replicated": 1}[kind]
+        held = 4.0 * params / split  # parameters, gradients, two Adam moments
+        sync = params * 2.0 * (dsz - 1) / max(dsz, 1) / max(msz if kind == "megatron" else 1, 1)
+        fwd, upd = work[key]
+        own = {"data_parallel": fwd / m.size + upd, "fsdp": (fwd + upd) / m.size,
+               "megatron": fwd / m.size + upd / msz, "replicated": fwd + upd}[kind]
+        if kind == "replicated":
+            sync = 0.0  # no communication; each device does the whole batch
+        rows[r] = (math.log2(dsz) / math.log2(n_all), math.log2(msz) / math.log2(n_all),
+                   len(names) > 1, data_bw / max_bw,
+                   _ring_bw(topology, m, (names[1],)) / max_bw if len(names) > 1 else 0.0,
+                   m.size / n_all, math.log10(min(d.flops_fp32 for d in devs) / slowest_fp32),
+                   *(float(kind == x) for x in RANK_KINDS),
+                   _lg(held / min(d.memory for d in devs)),
+                   _lg(sync / max(data_bw, 1.0) / max(own, 1e-12) / 1e3),
+                   _lg(least / max(own, 1e-30)), _seconds(own), _seconds(sync / max(data_bw, 1.0)),
+                   _lg(upd / split / max(own, 1e-30)))
+    return rows
+
+
+def _seconds(t: float) -> float:
+    """An absolute time on about [0, 1] over [1 us, 1 s]: whether latency or bandwidth and compute
+    dominate depends on scale, which the unit-free features leave out."""
+    return float(np.clip((math.log10(max(t, 1e-9)) + 6.0) / 6.0, -0.5, 1.5))
+
+
+def _candidate_globals(rows: np.ndarray | None, best: Sequence[float] | None) -> dict:
+    cand = np.zeros((1, MAX_CANDIDATES, CANDIDATE_FEATURES), np.float32)
+    mask = np.zeros((1, MAX_CANDIDATES), bool)
+    target = np.zeros((1, MAX_CANDIDATES), np.float32)
+    if rows is not None:
+        n = min(len(rows), MAX_CANDIDATES)
+        cand[0, :n], mask[0, :n] = rows[:n], True
+        if best is not None:
+            target[0, :n] = np.asarray(best, np.float32)[:n]
+    return {"cand": cand, "cand_mask": mask, "cand_best": target}
 
 
 def _bucket(n: int, least: int) -> int:

@@ -3,7 +3,8 @@
 `Policy.guide(graph, topology, meshes)` runs the network once over every candidate mesh (one padded
 batch) and returns, per mesh, the decision vector it prefers (argument shardings), the option it
 prefers for every op class, per-unit option probabilities for both (the annealers' move priors) and
-a mesh logit. `policy_plan` prices the policy's plan on the MESHES_TRIED meshes it ranks first, three
+a mesh logit; `Policy.assess` also ranks the hand-written seeds of every mesh (which to price
+first). `policy_plan` prices the policy's plan on the MESHES_TRIED meshes it ranks first, three
 readings each (its op options with its argument shardings; the same made consistent by propagation;
 its argument shardings with op options propagated as the annealer does), and beside them the
 hand-written baselines (data parallel, FSDP, Megatron on 2-D meshes) on the same meshes, and
@@ -102,9 +103,22 @@ class Policy:
         return {k: np.asarray(v) for k, v in self._apply(self.params, graphs).items()}
 
     def guide(self, graph, topology, meshes: Sequence, contexts: Sequence | None = None) -> list[Guide]:
+        return self.assess(graph, topology, meshes, contexts)[0]
+
+    def assess(self, graph, topology, meshes: Sequence, contexts: Sequence | None = None
+               ) -> tuple[list[Guide], list[tuple[int, str, float]]]:
+        """(one Guide per mesh, the seeds ranked): the hand-written seeds of every mesh
+        (`features.seed_candidates`) as (mesh index, kind, score), the one to price first first.
+        One network call; the first mesh's graph carries the seeds."""
         ctxs = list(contexts) if contexts is not None else [features.context(graph, m) for m in meshes]
-        gs = [features.build(graph, topology, m, c) for m, c in zip(meshes, ctxs)]
+        cands = features.seed_candidates(meshes)
+        rows = features.candidate_rows(graph, topology, meshes, cands)
+        gs = [features.build(graph, topology, m, c, candidates=rows if k == 0 else None)
+              for k, (m, c) in enumerate(zip(meshes, ctxs))]
         out = self.apply(features.pad(gs))
+        scores = out["rank"][0][:len(cands)]
+        ranking = sorted(((k, kind, float(sc)) for (k, kind), sc in zip(cands, scores)),
+                         key=lambda r: -r[2])
         res, base = [], 0
         for k, (m, c, g) in enumerate(zip(meshes, ctxs, gs)):
             units = [len(u.options) for u in c.groups] + [len(c.batch_sets)]
@@ -120,7 +134,7 @@ class Policy:
             res.append(Guide(m, tuple(decision[:G1]), tuple(prior[:G1]), float(out["mesh"][k]),
                              float(out["value"][k]), tuple(decision[G1:]), tuple(prior[G1:]), c))
             base += int(g.n_node[0])
-        return res
+        return res, ranking
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,15 +178,17 @@ class _Counted:
 
 
 def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit: float | None):
-    """SearchResult of the policy's plan alone, or None if none of its plans fits. On each of the
-    MESHES_TRIED meshes it ranks first (more where none fits), three readings of its scores are
+    """SearchResult of the policy's plan alone, or None if none of its plans fits. Meshes are
+    ranked by the best score the ranking head gives a seed on each (`Policy.assess`). On each
+    of the MESHES_TRIED meshes it ranks first (more where none fits), three readings of its scores are
     priced: its op options with its argument shardings (`Guide.strategy`), the same made
     consistent by propagation (`Guide.propagated`), and its argument shardings with op options
     propagated as the annealer does. Beside them the hand-written baselines are priced
     (`baseline_strategy`): Megatron on those of these meshes that are 2-D, data parallel and FSDP
     once per set of devices on every candidate mesh (a mesh of only the faster devices of a
-    mixed cluster may be ranked low), so the plan returned, the fastest that fits, is never slower
-    than data parallel or FSDP on any set of devices the planner considers. Simulator
+    mixed cluster may be ranked low), and so is the replicated plan, so the plan returned, the
+    fastest that fits, is never slower than data parallel, FSDP or replication on any set of
+    devices the planner considers. Simulator
     evaluations, all counted in `evaluations`: 3 readings per mesh tried, 1-2 per baseline
     (`baseline_strategy` prices both of its readings where they differ; the one it returns is
     not priced again); benchmarks/POLICY.md gives the counts on its held-out cases. No
@@ -182,11 +198,19 @@ def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit:
     from tag_jax.baselines import baseline_strategy
     from tag_jax.cost import Simulator
     from tag_jax.search.anneal import SearchResult
+    from tag_jax.search.planner import replicated_strategy
     from tag_jax.search.propagate import carried_outputs
     from tag_jax.strategy import Strategy
 
     t0 = time.perf_counter()
-    guides = sorted(policy.guide(graph, topology, meshes), key=lambda g: -g.mesh_logit)
+    # meshes in the order of the best seed the ranking head puts on each (its mesh logit is the
+    # weaker reading of the two)
+    guides, ranking = policy.assess(graph, topology, meshes)
+    first = {}
+    for k, _, score in ranking:
+        first.setdefault(k, score)
+    guides = [guides[k] for k in sorted(range(len(guides)),
+                                        key=lambda k: (-first.get(k, -math.inf), -guides[k].mesh_logit))]
     carried = carried_outputs(graph)
     sims, best, seeds, devices_seen = [], None, {}, set()
 
@@ -222,6 +246,11 @@ def policy_plan(policy: Policy, graph, topology, meshes: Sequence, memory_limit:
             strategy = baseline_strategy(kind, graph, ctx.op_strategies, g.mesh, simulator=sim,
                                          memory_limit=memory_limit)
             consider(sim.cost(strategy), k, strategy, g, f"{kind} (mesh choice {k + 1})")
+        if ("replicated", devices) not in devices_seen:
+            # no communication at all: the fastest for small models on slow links
+            devices_seen.add(("replicated", devices))
+            strategy = replicated_strategy(graph, g.mesh)
+            consider(sim.cost(strategy), k, strategy, g, f"replicated (mesh choice {k + 1})")
     if best is None:
         return None
     score, k, strategy, cost, g, name = best

@@ -9,7 +9,9 @@ back (residual, layer norm). Heads:
   from [node embedding, option features, the graph's mean device embedding, mesh globals]; invalid
   (padding) options get -1e9;
 - mesh: one logit per graph (a graph is one candidate mesh of a problem), from pooled embeddings;
-- value: log(best step time / data-parallel step time) on that mesh.
+- value: log(best step time / data-parallel step time) on that mesh;
+- rank: one score per seed (a baseline kind on one of the problem's meshes, `features.
+  candidate_rows`) from the graph's pooled embedding and the seed's row: which seed to price first.
 """
 from __future__ import annotations
 
@@ -86,4 +88,13 @@ class PolicyNet(nn.Module):
         pooled = jnp.concatenate([ops, dev, glob], -1)
         mesh = nn.Dense(1, name="mesh_score")(nn.gelu(nn.Dense(H, name="mesh_hidden")(pooled)))[:, 0]
         value = nn.Dense(1, name="value")(nn.gelu(nn.Dense(H, name="value_hidden")(pooled)))[:, 0]
-        return {"options": scores, "mesh": mesh, "value": value}
+        # Seeds: every (mesh, baseline kind) of the problem, scored from this graph's pooled
+        # embedding and the seed's own row, so that one graph ranks the seeds of all meshes.
+        cand = g.globals["cand"]  # [G, C, F]
+        C = cand.shape[1]
+        pooled_c = nn.Dense(H, name="rank_pooled")(pooled)[:, None]  # [G, 1, H]
+        r = nn.gelu(nn.Dense(H, name="rank_seed")(cand) + pooled_c)
+        r = nn.gelu(nn.Dense(H // 2, name="rank_hidden")(r))
+        rank = nn.Dense(1, name="rank_score")(r)[..., 0]
+        rank = jnp.where(g.globals["cand_mask"], rank, NEG).reshape(G, C)
+        return {"options": scores, "mesh": mesh, "value": value, "rank": rank}

@@ -5,6 +5,7 @@ argument annealing, op-option annealing; no device re-ordering), so that one pro
 on every mesh: the final plan's option for every op, its argument shardings as a decision vector
 (one option per parameter group plus the batch), its predicted step time, and data parallel's for
 reference. The labels are the plan the search returns, both stages, not only its first.
+`seed_times` prices the hand-written seeds on every mesh: the ranking head's labels.
 """
 from __future__ import annotations
 
@@ -81,4 +82,34 @@ def search_labels(graph: OpGraph, topology, budget_s: float, seed: int = 0) -> l
         out.append(dict(rec, decision=[int(x) for x in decision],
                         choices=[int(x) for x in r.strategy.choices], score=float(r.cost.step_time_s),
                         dp=float(dp), source=r.strategy.name))
+    return out
+
+
+def seed_times(graph: OpGraph, topology, meshes, cands, memory_limit: float | None) -> list[float]:
+    """Predicted step time of each (mesh index, kind) seed of `cands` (`features.seed_candidates`),
+    built as the search builds it (`baselines.baseline_strategy`, the faster of its two readings);
+    infinite where it does not fit in `memory_limit`."""
+    from tag_jax import rules
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.cost import Simulator
+    from tag_jax.search.planner import replicated_strategy
+    from tag_jax.search.propagate import carried_outputs
+
+    carried = carried_outputs(graph)
+    ops_by_axes, sims, out = {}, {}, []
+    for k, kind in cands:
+        mesh = meshes[k]
+        key = tuple(mesh.axes.items())
+        if key not in ops_by_axes:
+            ops_by_axes[key] = rules.for_graph(graph, mesh.axes)
+        if k not in sims:
+            sims[k] = Simulator(graph, ops_by_axes[key], topology, mesh, carried=carried)
+        if kind == "replicated":
+            strategy = replicated_strategy(graph, mesh)
+        else:
+            strategy = baseline_strategy(kind, graph, ops_by_axes[key], mesh, simulator=sims[k],
+                                         memory_limit=memory_limit)
+        cost = sims[k].cost(strategy)
+        fits = memory_limit is None or cost.peak_memory_bytes <= memory_limit
+        out.append(float(cost.step_time_s) if fits else math.inf)
     return out

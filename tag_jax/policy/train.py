@@ -3,10 +3,13 @@
 1. searches random problems (`zoo`) with the teacher, the planner's whole search on every candidate
    mesh (`teacher`, `--budget` seconds per mesh), caching each on disk (`dataset`; a rerun resumes);
 2. builds the joint graphs, holds out the last tenth of the problems for validation;
-3. fits `PolicyNet` by imitation (cross-entropy on each parameter group's and op class's option in
-   the teacher's final plan and on the best meshes, plus a squared loss on the value head) with
+3. prices the hand-written seeds of `--seed-problems` more random problems at 1-32x the batch
+   (no search; `dataset.generate_seeds`, cached too), the ranking head's extra data;
+4. fits `PolicyNet` by imitation (cross-entropy on each parameter group's and op class's option in
+   the teacher's final plan and on the best meshes, a squared loss on the value head, and a
+   cross-entropy over each problem's seeds on the fastest ones for the ranking head) with
    optax AdamW and gradient clipping, stopping after `--max-minutes` of fitting at the latest;
-4. writes `tag_jax/policy/weights/policy.npz` with the feature schema and teacher versions.
+5. writes `tag_jax/policy/weights/policy.npz` with the feature schema and teacher versions.
 
 About 16 minutes on two shared CPU cores with an empty cache (searching ~9, features ~2, fitting
 ~4), about 6 with a full one.
@@ -29,6 +32,7 @@ from tag_jax.policy.network import PolicyNet
 CONFIG = {"hidden": 64, "layers": 3, "heads": 4}
 MAX_NODES = 2048  # per training batch (padded to a power of two)
 RARE_WEIGHT = 3.0
+RANK_WEIGHT = 1.0
 
 
 def loss_fn(params, net, g):
@@ -55,13 +59,22 @@ def loss_fn(params, net, g):
     mesh_loss = -((logit - lse[inst]) * target).sum() / jnp.maximum(target.sum(), 1.0)
     mesh_hit = (jax.ops.segment_max(logit, inst, n_seg)[inst] == logit) * target
     value_loss = (((out["value"] - glob["value"]) ** 2) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
-    total = option_loss + 0.5 * mesh_loss + 0.5 * value_loss
+    # Seeds: softmax over the seeds one graph of each problem carries; the best ones are the target.
+    rank_logp = jax.nn.log_softmax(out["rank"], axis=-1)
+    has_rank = (glob["cand_best"].sum(-1) > 0).astype(valid.dtype)  # (ranking-only graphs: valid 0)
+    tgt = glob["cand_best"] / jnp.maximum(glob["cand_best"].sum(-1, keepdims=True), 1e-6)
+    rank_loss = (-(jnp.where(glob["cand_mask"], rank_logp, 0.0) * tgt).sum(-1) * has_rank).sum() \
+        / jnp.maximum(has_rank.sum(), 1.0)
+    top_seed = jnp.argmax(out["rank"], -1)
+    rank_hit = jnp.take_along_axis(glob["cand_best"], top_seed[:, None], 1)[:, 0] * has_rank
+    total = option_loss + 0.5 * mesh_loss + 0.5 * value_loss + RANK_WEIGHT * rank_loss
     stats = {"option": option_loss, "mesh": mesh_loss, "value": value_loss,
              "option_hits": correct.sum(), "options": has.sum(),
              "class_hits": (correct > 0).sum(where=is_class > 0), "classes": is_class.sum(),
              "unit_hits": (correct > 0).sum(where=(has > 0) & (is_class == 0)),
              "units": ((has > 0) & (is_class == 0)).sum(),
-             "mesh_hits": mesh_hit.sum(), "meshes": target.sum()}
+             "mesh_hits": mesh_hit.sum(), "meshes": target.sum(), "rank": rank_loss,
+             "rank_hits": rank_hit.sum(), "ranked": has_rank.sum()}
     return total, stats
 
 
@@ -119,7 +132,8 @@ def fit(problems, val, epochs: int, seed: int = 0, lr: float = 3e-3, show: bool 
         if show:
             dataset.progress(epoch + 1, epochs, t0,
                              f"training (option acc {tot['option_hits'] / max(tot['options'], 1):.2f},"
-                             f" mesh acc {tot['mesh_hits'] / max(tot['meshes'], 1):.2f})")
+                             f" mesh acc {tot['mesh_hits'] / max(tot['meshes'], 1):.2f},"
+                             f" seed acc {tot['rank_hits'] / max(tot['ranked'], 1):.2f})")
         if time.perf_counter() - t0 > 60 * max_minutes:
             print(f"\nstopping after {epoch + 1} epochs: {max_minutes} min training limit",
                   file=sys.stderr)
@@ -140,12 +154,18 @@ def _metrics(evaluate, params, problems) -> dict:
     return {"option_accuracy": tot["option_hits"] / max(tot["options"], 1),
             "class_accuracy": tot["class_hits"] / max(tot["classes"], 1),
             "argument_accuracy": tot["unit_hits"] / max(tot["units"], 1),
-            "mesh_accuracy": tot["mesh_hits"] / max(tot["meshes"], 1)}
+            "mesh_accuracy": tot["mesh_hits"] / max(tot["meshes"], 1),
+            "seed_accuracy": tot["rank_hits"] / max(tot["ranked"], 1)}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The retraining options (shared by `python -m tag_jax.policy.train` and `tag-jax train-policy`)."""
     ap.add_argument("--problems", type=int, default=90, help="random problems to search (cached)")
+    ap.add_argument("--seed-problems", type=int, default=300,
+                    help="random problems, 1-32x the teacher's batch, whose hand-written seeds are "
+                         "priced for the ranking head (no search; cached)")
+    ap.add_argument("--seed-cache", default=None,
+                    help=f"their cache (default {dataset.default_cache(dataset.SEEDS_VERSION)})")
     ap.add_argument("--budget", type=float, default=1.0,
                     help="teacher search seconds per candidate mesh of a problem")
     ap.add_argument("--epochs", type=int, default=20)
@@ -153,11 +173,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache", default=None, help=f"search cache (default {dataset.default_cache()})")
     ap.add_argument("--out", default=store.DEFAULT_PATH,
                     help="where the weights go (default: the package's shipped weights)")
-    ap.add_argument("--max-minutes", type=float, default=5.0, help="limit on the fitting stage")
+    ap.add_argument("--max-minutes", type=float, default=7.0, help="limit on the fitting stage")
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, in one line, or None."""
+    if args.seed_problems < 0:
+        return f"--seed-problems {args.seed_problems}: must be 0 or more"
     if args.problems < 2:
         return f"--problems {args.problems}: need at least 2 (one is held out for validation)"
     if args.budget <= 0 or args.epochs < 1 or args.max_minutes <= 0:
@@ -172,15 +194,24 @@ def run(args: argparse.Namespace) -> dict:
     """Search, featurise, fit and save; returns the training report."""
     t0 = time.perf_counter()
     records = dataset.generate(args.problems, args.seed, args.cache, args.budget)
+    seed_records = dataset.generate_seeds(args.seed_problems, args.seed, args.seed_cache)
     problems, t1 = [], time.perf_counter()
     for i, rec in enumerate(records):
         problems.append(list(dataset.graphs_of(rec, i)))
         dataset.progress(i + 1, len(records), t1, "features")
+    ranked, t1 = [], time.perf_counter()
+    for i, rec in enumerate(seed_records):
+        g = dataset.seed_graph(rec)
+        ranked += [[g]] if g is not None else []
+        dataset.progress(i + 1, len(seed_records), t1, "seed features")
     problems = [p for p in problems if p]
     n_val = max(1, len(problems) // 10)
-    params, report = fit(problems[:-n_val], problems[-n_val:], args.epochs, args.seed,
+    r_val = len(ranked) // 10
+    params, report = fit(problems[:-n_val] + ranked[:len(ranked) - r_val],
+                         problems[-n_val:] + ranked[len(ranked) - r_val:], args.epochs, args.seed,
                          max_minutes=args.max_minutes)
-    report.update(problems=len(problems), validation_problems=n_val, epochs=args.epochs,
+    report.update(problems=len(problems), validation_problems=n_val, seed_problems=len(ranked),
+                  validation_seed_problems=r_val, epochs=args.epochs,
                   total_seconds=time.perf_counter() - t0, teacher=dataset.TEACHER_VERSION,
                   schema=features.SCHEMA_VERSION, teacher_budget_s=args.budget)
     store.save(args.out, params, CONFIG, report)

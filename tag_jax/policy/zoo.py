@@ -80,6 +80,14 @@ def random_model(rng: np.random.Generator) -> tuple[str, dict]:
                        batch=batch)
 
 
+def random_scaled_model(rng: np.random.Generator) -> tuple[str, dict]:
+    """`random_model` with its batch 1-32x larger: the ranking head's seeds change order with scale
+    (replication wins on tiny problems, data parallel and FSDP once compute matters), and the
+    teacher's grid stays small so that searching it is cheap."""
+    fam, cfg = random_model(rng)
+    return fam, dict(cfg, batch=int(cfg["batch"]) * int(2 ** rng.integers(0, 6)))
+
+
 def random_topology(rng: np.random.Generator, name: str = "random") -> dict:
     """A topology dict for `Topology.from_json`: 1-4 machines, 4/8/16 devices in all (TAG-like)."""
     total = int(_pick(rng, (4, 8, 8, 8, 16)))
