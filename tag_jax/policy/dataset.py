@@ -56,28 +56,37 @@ def generate(n: int, seed: int = 0, cache: str | None = None, budget_s: float = 
     teacher's search time on each candidate mesh."""
     from tag_jax.policy import teacher, zoo
 
-    cache = cache or default_cache()
+    def make(key: int) -> dict:
+        rng = np.random.default_rng(key)
+        family, config = zoo.random_model(rng)
+        topo = zoo.random_topology(rng, name=f"random-{key}")
+        graph, topology = build_problem(family, config, topo)
+        return {"family": family, "config": config, "topology": topo,
+                "meshes": teacher.search_labels(graph, topology, budget_s, seed=key - seed * 100000)}
+
+    return _cached([seed * 100000 + i for i in range(n)], cache or default_cache(), make,
+                   "searching", show)
+
+
+def _cached(keys: list[int], cache: str, make, what: str, show: bool) -> list[dict]:
+    """One JSON record per key, read from `cache` or made by `make(key)` and written there
+    atomically (an interrupted run resumes); a progress bar on stderr."""
     os.makedirs(cache, exist_ok=True)
     out, t0, fresh = [], time.perf_counter(), 0
-    for i in range(n):
-        path = os.path.join(cache, f"{seed * 100000 + i:07d}.json")
+    for i, key in enumerate(keys):
+        path = os.path.join(cache, f"{key:07d}.json")
         if os.path.exists(path):
             with open(path) as f:
                 out.append(json.load(f))
         else:
-            rng = np.random.default_rng(seed * 100000 + i)
-            family, config = zoo.random_model(rng)
-            topo = zoo.random_topology(rng, name=f"random-{seed * 100000 + i}")
-            graph, topology = build_problem(family, config, topo)
-            rec = {"family": family, "config": config, "topology": topo,
-                   "meshes": teacher.search_labels(graph, topology, budget_s, seed=i)}
+            rec = make(key)
             with open(path + ".tmp", "w") as f:
                 json.dump(rec, f)
             os.replace(path + ".tmp", path)
             out.append(rec)
             fresh += 1
         if show:
-            progress(i + 1, n, t0, f"searching ({fresh} new)")
+            progress(i + 1, len(keys), t0, f"{what} ({fresh} new)")
     return out
 
 
@@ -108,34 +117,20 @@ def generate_seeds(n: int, seed: int = 0, cache: str | None = None, show: bool =
     from tag_jax.policy import features, teacher, zoo
     from tag_jax.search.anneal import candidate_meshes
 
-    cache = cache or default_cache(SEEDS_VERSION)
-    os.makedirs(cache, exist_ok=True)
-    out, t0, fresh = [], time.perf_counter(), 0
-    for i in range(n):
-        key = seed * 100000 + SEED_OFFSET + i
-        path = os.path.join(cache, f"{key:07d}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                out.append(json.load(f))
-        else:
-            rng = np.random.default_rng(key)
-            family, config = zoo.random_scaled_model(rng)
-            topo = zoo.random_topology(rng, name=f"random-{key}")
-            graph, topology = build_problem(family, config, topo)
-            meshes = candidate_meshes(topology.ids, topology, leave_out=True)
-            cands = features.seed_candidates(meshes)
-            times = teacher.seed_times(graph, topology, meshes, cands,
-                                       USABLE_MEMORY * min(d.memory for d in topology.devices))
-            rec = {"family": family, "config": config, "topology": topo, "meshes": _mesh_dicts(meshes),
-                   "seeds": [[k, kind, t if np.isfinite(t) else None] for (k, kind), t in zip(cands, times)]}
-            with open(path + ".tmp", "w") as f:
-                json.dump(rec, f)
-            os.replace(path + ".tmp", path)
-            out.append(rec)
-            fresh += 1
-        if show:
-            progress(i + 1, n, t0, f"pricing seeds ({fresh} new)")
-    return out
+    def make(key: int) -> dict:
+        rng = np.random.default_rng(key)
+        family, config = zoo.random_scaled_model(rng)
+        topo = zoo.random_topology(rng, name=f"random-{key}")
+        graph, topology = build_problem(family, config, topo)
+        meshes = candidate_meshes(topology.ids, topology, leave_out=True)
+        cands = features.seed_candidates(meshes)
+        times = teacher.seed_times(graph, topology, meshes, cands,
+                                   USABLE_MEMORY * min(d.memory for d in topology.devices))
+        return {"family": family, "config": config, "topology": topo, "meshes": _mesh_dicts(meshes),
+                "seeds": [[k, kind, t if np.isfinite(t) else None] for (k, kind), t in zip(cands, times)]}
+
+    return _cached([seed * 100000 + SEED_OFFSET + i for i in range(n)],
+                   cache or default_cache(SEEDS_VERSION), make, "pricing seeds", show)
 
 
 def seed_graph(record: dict):
