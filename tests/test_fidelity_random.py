@@ -368,6 +368,41 @@ def test_identical_leading_all_gathers_of_one_tensor_are_shared(wants, meshes):
     assert predicted == real
 
 
+GATHER_PATHS = [
+    # (shape, layout, wanted): every reshard starts with the same all-gather
+    ((64, 64), P("a", "b"), [P(None, None), P("a", None)]),  # replication vs partial: two
+    ((64, 64), P("a", "b"), [P("a", None), P(None, None)]),
+    ((64, 64), P("b", "a"), [P(None, None), P(None, "b")]),  # vs partial, then all-to-all: two
+    ((64, 64), P("b", "a"), [P("b", None), P(None, "b")]),  # both partial: one
+    ((64, 64), P("b", "a"), [P(None, None), P("b", None), P(None, "b")]),  # two
+    ((8, 8, 16, 16), P("b", "a", None, None), [P(None, None, None, None), P("b", None, None, None)]),
+    ((8, 8, 16, 16), P(None, None, "b", "a"),
+     [P(None, None, None, None), P(None, None, "b", None), P(None, None, None, "b")]),
+]
+
+
+@pytest.mark.parametrize("shape,src,wants", GATHER_PATHS,
+                         ids=[f"{len(s)}d-{a}->{'+'.join(map(str, w))}" for s, a, w in GATHER_PATHS])
+def test_leading_all_gather_is_shared_only_on_one_path(shape, src, wants, meshes):
+    """Alike leading all-gathers of one tensor are shared only by reshards on the same path: the
+    partitioner's replication (a replicated target, or a full gather then a slice) or its
+    partial replication (a target keeping some split, or an all-to-all after the gather). A
+    replicated target and a partially replicated one gather twice (vgg-19 random-7: fc6.kernel
+    ``P(model, data)`` wanted ``P(None, None)`` and ``P(None, model)``; a ``P(model, data,
+    None, None)`` activation wanted replicated and ``P(model, None, None, None)``)."""
+    def f(w):
+        return tuple(w * float(i + 2) for i in range(len(wants)))
+
+    def pick(op, k):
+        if op.primitive == "mul":
+            w = wants[k % len(wants)]
+            return [w, P()], [w]
+        return None
+
+    predicted, real = _compare(f, (S(shape, F32),), (src,), pick, MESH2, meshes[MESH2])
+    assert predicted == real
+
+
 CHAIN_ENDS = [
     # (x's layout, what the chain's pinned end wants): XLA's collectives
     (P(None, "b"), P("a", None)),  # run in P(a,b) (u and x sliced), one all-gather over b

@@ -60,7 +60,8 @@ layout the op's result is reduced to (`Simulator._retarget_selects`; through a c
 selects, where the chain ends non-partial: `Simulator._chain_end`); only the chain's last select
 is pinned, so its ops run in their operands' layouts merged, the pinned one's operands moved to
 the pin (`Simulator._select_chains`). Reshards of one tensor from one layout that start with the
-same all-gather share it (XLA's CSE; `Simulator._shared_gathers`). An all-reduce whose every
+same all-gather on the same path share it (the SPMD partitioner's reshard cache: a replication is
+made once, and so is a partial one; `Simulator._shared_gathers`). An all-reduce whose every
 later use, directly or through transposes/reshapes (and ``x ** 1``, which XLA removes), only
 slices it 1/n by the reduced axes (possibly before moving the slice) is what XLA:CPU writes for a
 reduce-scatter, and is counted as one (`Simulator._sliced_all_reduces`).
@@ -457,7 +458,7 @@ class Simulator:
                     row[_KIND_INDEX[c.kind]] += c.bytes
                 kb.append(row)
                 self._p_comms.append(comms)
-                ag0.append(self._ag0_id(comms))
+                ag0.append(self._ag0_id(comms, d, t.nbytes))
             keys_all = np.concatenate([self._p_keys, miss])
             order = np.argsort(keys_all, kind="stable")
             self._p_keys = keys_all[order]
@@ -469,19 +470,30 @@ class Simulator:
             idx = np.searchsorted(self._p_keys, keys)
         return self._p_slot[idx]
 
-    def _ag0_id(self, comms) -> int:
-        """An id of the reshard's leading collective when it is an all-gather (same axes and
-        bytes, same id), else -1."""
+    def _ag0_id(self, comms, dst: TensorSharding, nbytes: int) -> int:
+        """An id of the reshard's leading collective when it is an all-gather (same axes, bytes
+        and path, same id), else -1. The path: a reshard to a replicated layout (partial axes
+        aside), or one whose first gather makes the whole tensor (XLA's "involuntary full
+        rematerialization": replicate, then slice), goes through the partitioner's replication;
+        any other through a partial replication (on the way to a slice or an all-to-all). Each
+        is cached and reused by the reshards on its path, never by the other's, even where the
+        first all-gathers are alike (vgg-19 random-7: ``fc6.kernel`` ``P(model, data)`` wanted
+        ``P(None, None)`` and ``P(None, model)``: two all-gathers over data of one operand,
+        ``all-gather.65``/``.95``; mlp-real random-5: ``P(data, model)`` wanted replicated and
+        ``P(data, None)``: ``all-gather.7``/``.28``, identical but for channel ids)."""
         if not comms or comms[0].kind != "all-gather":
             return -1
-        key = (tuple(comms[0].axes), int(comms[0].bytes))
+        replicate = not any(dst.dims) or int(comms[0].bytes) >= nbytes
+        key = (tuple(comms[0].axes), int(comms[0].bytes), replicate)
         return self._ag0_ids.setdefault(key, len(self._ag0_ids))
 
     def _shared_gathers(self, kb, slots, ut, us):
-        """Reshards of one tensor from one layout that start with the same all-gather share it:
-        XLA's CSE merges the identical all-gathers (a weight wanted replicated, ``P(None, b)`` and
-        ``P(None, a)`` from ``P((a,b), None)``: one full gather, each target sliced from it;
-        mlp-real random-1's ``dense_3.kernel``)."""
+        """Reshards of one tensor from one layout that start with the same all-gather on the same
+        path (`_ag0_id`) share it: the SPMD partitioner caches the replicated (or partially
+        replicated) copy it makes and reshards from it again (a weight wanted replicated,
+        ``P(None, b)`` and ``P(None, a)`` from ``P((a,b), None)``: one full gather, each target
+        sliced from it; mlp-real random-1's ``dense_3.kernel``). It is not XLA's CSE: identical
+        all-gathers of one operand on different paths stay two."""
         ag = self._p_ag0[slots]
         m = np.flatnonzero(ag >= 0)
         if m.size < 2:
