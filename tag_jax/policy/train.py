@@ -11,8 +11,8 @@
    optax AdamW and gradient clipping, stopping after `--max-minutes` of fitting at the latest;
 5. writes `tag_jax/policy/weights/policy.npz` with the feature schema and teacher versions.
 
-About 16 minutes on two shared CPU cores with an empty cache (searching ~9, features ~2, fitting
-~4), about 6 with a full one.
+About 27 minutes on two shared CPU cores with empty caches (searching 90 problems ~7, pricing the
+seeds of 300 ~7.5, features ~5.5, fitting ~7.5), about 13 with full ones (benchmarks/POLICY.md).
 """
 from __future__ import annotations
 
