@@ -35,7 +35,7 @@ def _check_train_policy(text: str) -> None:
     assert acc[-1] > acc[0]
     # the saved weights were loaded by auto_shard and their plan used alone (time_budget_s=0)
     assert re.search(r"Policy\(\S+policy\.npz, \{'hidden': 32, 'layers': 2, 'heads': 4\}\)", text)
-    assert re.search(r"plan 'tag_jax \((policy|data_parallel|fsdp|megatron) \(mesh choice \d\)\)'", text)
+    assert re.search(r"plan 'tag_jax \((policy|data_parallel|fsdp|megatron|replicated) \(mesh choice \d\)\)'", text)
     policy_ms, dp_ms, ratio = map(float, re.search(
         r"zero-shot policy step ([0-9.]+) ms, data parallel ([0-9.]+) ms \(([0-9.]+)x\)", text).groups())
     assert policy_ms > 0 and dp_ms > 0 and ratio == pytest.approx(dp_ms / policy_ms, rel=0.01)
