@@ -6,7 +6,8 @@ It never returns a plan the simulator prices worse than a seed, on the meshes it
 Order of work: the first mesh's baselines; the Alpa-style ILP on that mesh (`_ilp_seed`; most
 models solve to optimality in about a second, and where they do not its plan is the one the
 annealer is least likely to reach); the other meshes' baselines (Megatron on at least one 2-D mesh
-while three quarters of the budget are left) and, for small graphs, the 2-D tensor-parallel plan
+while three quarters of the budget are left, and on the further 2-D meshes while seeding one
+still ends before then) and, for small graphs, the 2-D tensor-parallel plan
 (`two_d_strategy`); the policy's plans; then annealing on the two most promising meshes: argument
 shardings from the best seed with a decision vector, and op options from that result and from the
 best seed the decision vector cannot express (ILP, 2-D) each.
