@@ -43,12 +43,11 @@ import numpy as np
 
 import tag_jax
 from tag_jax import models
-from tag_jax.baselines import baseline_strategy
 from tag_jax.policy import Policy, zoo
 from tag_jax.policy.features import seed_candidates
-from tag_jax.policy.teacher import mesh_problem
+from tag_jax.policy.teacher import mesh_problem, seed_strategy
 from tag_jax.search.anneal import anneal_ops, candidate_meshes
-from tag_jax.search.planner import replicated_strategy, search
+from tag_jax.search.planner import search
 
 
 HELD_OUT_SETS = {"toy": zoo.HELD_OUT_MODELS, "medium": zoo.HELD_OUT_MEDIUM}
@@ -81,8 +80,7 @@ def search_curve(graph, problems, limit: float, evals: int, guide=None, seed: in
 
     def price_seed(k, kind):
         ann = problems[k][0]
-        plan = replicated_strategy(graph, ann.mesh) if kind == "replicated" else baseline_strategy(
-            kind, graph, ann.op_strategies, ann.mesh, simulator=ann.sim, memory_limit=limit)
+        plan = seed_strategy(kind, graph, ann.op_strategies, ann.mesh, ann.sim, limit)
         add(_priced(ann, plan, limit), k, plan)
 
     # the planner's order: its meshes in turn, the replicated plan once per set of devices

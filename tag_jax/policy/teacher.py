@@ -85,14 +85,24 @@ def search_labels(graph: OpGraph, topology, budget_s: float, seed: int = 0) -> l
     return out
 
 
+def seed_strategy(kind: str, graph: OpGraph, op_strategies, mesh, simulator,
+                  memory_limit: float | None):
+    """One seed of `features.RANK_KINDS` on `mesh`, built as the search builds it."""
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.search.planner import replicated_strategy
+
+    if kind == "replicated":
+        return replicated_strategy(graph, mesh)
+    return baseline_strategy(kind, graph, op_strategies, mesh, simulator=simulator,
+                             memory_limit=memory_limit)
+
+
 def seed_times(graph: OpGraph, topology, meshes, cands, memory_limit: float | None) -> list[float]:
     """Predicted step time of each (mesh index, kind) seed of `cands` (`features.seed_candidates`),
     built as the search builds it (`baselines.baseline_strategy`, the faster of its two readings);
     infinite where it does not fit in `memory_limit`."""
     from tag_jax import rules
-    from tag_jax.baselines import baseline_strategy
     from tag_jax.cost import Simulator
-    from tag_jax.search.planner import replicated_strategy
     from tag_jax.search.propagate import carried_outputs
 
     carried = carried_outputs(graph)
@@ -104,11 +114,7 @@ def seed_times(graph: OpGraph, topology, meshes, cands, memory_limit: float | No
             ops_by_axes[key] = rules.for_graph(graph, mesh.axes)
         if k not in sims:
             sims[k] = Simulator(graph, ops_by_axes[key], topology, mesh, carried=carried)
-        if kind == "replicated":
-            strategy = replicated_strategy(graph, mesh)
-        else:
-            strategy = baseline_strategy(kind, graph, ops_by_axes[key], mesh, simulator=sims[k],
-                                         memory_limit=memory_limit)
+        strategy = seed_strategy(kind, graph, ops_by_axes[key], mesh, sims[k], memory_limit)
         cost = sims[k].cost(strategy)
         fits = memory_limit is None or cost.peak_memory_bytes <= memory_limit
         out.append(float(cost.step_time_s) if fits else math.inf)
