@@ -251,6 +251,27 @@ def test_memory_bound_ops_use_bandwidth():
     assert cost.compute_s == pytest.approx(op.bytes / 1e9)
 
 
+def test_a_fused_elementwise_chain_pays_its_memory_traffic_once():
+    """sin -> mul -> exp -> add over 4 MiB: XLA fuses the chain into one kernel that reads x and
+    writes the result once (8 MiB), not 8 MiB per op (32 MiB); the roofline charges the former."""
+    from tag_jax.cost.simulate import memory_traffic
+
+    g = tag_jax.trace(lambda x: jnp.exp(jnp.sin(x) * 2.0) + 1.0, S((1024, 1024), F32))
+    assert [op.primitive for op in g.ops] == ["sin", "mul", "exp", "add"]
+    mesh = MeshSpec((8,), ("a",), tuple(range(8)))
+    strats = [[OpStrategy("R", tuple(P(*[None] * len(g.tensors[t].shape)) for t in op.inputs),
+                          (P(None, None),))] for op in g.ops]
+    sim = Simulator(g, strats, two_node_topology(mem_bw=1e9), mesh, memory_efficiency=1.0)
+    cost = sim.cost(Strategy(mesh, (0,) * 4, (P(None, None),)))
+    whole = 1024 * 1024 * 4
+    assert sum(op.bytes for op in g.ops) == pytest.approx(8 * whole, rel=1e-3)  # each op alone
+    assert cost.compute_s == pytest.approx(2 * whole / 1e9, rel=1e-3)
+    assert memory_traffic(g) == pytest.approx(2 * whole, rel=1e-3)
+    # a value read twice (by the chain and as a result) is written once and read once more
+    g2 = tag_jax.trace(lambda x: (jnp.sin(x), jnp.sin(x) * 2.0), S((1024, 1024), F32))
+    assert memory_traffic(g2) > 2.5 * whole
+
+
 def test_heterogeneous_mesh_is_bounded_by_the_slowest_device():
     g = matmul_graph()
     split = OpStrategy("S", (P("a", None), P(None, None)), (P("a", None),))

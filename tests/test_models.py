@@ -242,3 +242,26 @@ def test_options_and_errors():
         models.get("gpt2", "toy", layers=3)
     with pytest.raises(ValueError, match="sgd"):
         models.get("mlp", "toy", optimizer="lion")
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_mixed_precision_step(name):
+    """compute_dtype="bfloat16": matmuls/convolutions run in bf16 on cast copies; the state
+    (params, optimizer, BatchNorm statistics) stays float32 in and out; the loss is float32 and
+    close to the float32 step's."""
+    import tag_jax
+
+    ex = models.get(name, "toy", compute_dtype="bfloat16", optimizer="sgd")
+    ref = models.get(name, "toy", optimizer="sgd")
+    state, batch = ex.init(jax.random.key(0))
+    new, metrics = jax.jit(ex.step)(state, batch)
+    assert jax.tree_util.tree_map(lambda x: x.dtype, new) == jax.tree_util.tree_map(lambda x: x.dtype, state)
+    assert metrics["loss"].dtype == jnp.float32
+    _, ref_metrics = jax.jit(ref.step)(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=2e-2)
+    graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+    heavy = [op for op in graph.ops if op.primitive in ("dot_general", "conv_general_dilated")]
+    assert heavy and all(graph.tensors[op.inputs[0]].dtype == jnp.bfloat16 for op in heavy)
+    assert "compute_dtype=bfloat16" in ex.description
+    with pytest.raises(ValueError, match="compute_dtype='int8'"):
+        models.get(name, "toy", compute_dtype="int8")

@@ -185,6 +185,15 @@ def test_shares_two_groups_closed_form():
     assert sol.step_s == pytest.approx(best)
 
 
+def test_shares_tie_break_is_the_most_even_split():
+    # times that do not grow with the share tie every split: the most even per-device load wins
+    sol = solve_shares([GroupModel("a", 0.002, 0.0, 4), GroupModel("b", 0.002, 0.0, 4)], 48)
+    assert sol.shares == (24, 24)
+    # among equally fast splits, the even one (a: 5 per device, b: 10) over (16, 24) (a: 4, b: 12)
+    sol = solve_shares([GroupModel("a", 0.004, 1e-3, 4), GroupModel("b", 0.0, 1e-3, 2)], 40)
+    assert sol.shares == (20, 20)
+
+
 def test_shares_respect_memory_bound():
     sol = solve_shares([GroupModel("fast", 0.0, 1e-3, 1, max_share=10), GroupModel("slow", 0.0, 3e-3)], 64)
     assert sol.shares == (10, 54)

@@ -94,7 +94,7 @@ def test_one_mode_plan_priced_and_faithful():
     (count - 1) x the loop body + the last microbatch (data parallel over all devices, the
     all-reduce overlapped) as the simulator prices them; the counts are the best integral ones;
     the compiled program's collectives are the predicted ones, kind by kind."""
-    n = 256  # large enough that a microbatch's time grows with its examples (not only its weights)
+    n = 1024  # large enough that a microbatch's time grows with its examples (not only its weights)
     step, state, batch = _problem(n)
     topo = _hetero_cpu_topology()
     pricer = uneven.Pricer(step, state, batch, topo)

@@ -13,7 +13,10 @@ Semantics of a `Strategy` on an `OpGraph` with per-op strategy lists `op_strateg
   sharding their input came in with, so a plan's steady state (state in = state out) is priced.
 
 Time. Compute of op i = max(flops / (shards * rate * COMPUTE_EFFICIENCY),
-local bytes / (memory bandwidth * MEMORY_EFFICIENCY)) where shards = product of the sizes of
+local bytes / (memory bandwidth * MEMORY_EFFICIENCY)) where local bytes counts only the operands
+and results XLA materialises (a value its fusion keeps in registers, see `_fused`, is neither
+written by its producer nor read by its consumers: an elementwise chain pays its memory traffic
+once, as one fused kernel does) and shards = product of the sizes of
 `OpStrategy.split_axes`, on the rates of the mesh's slowest device kind: work is split evenly
 and devices run on their own between collectives, so the kind whose replicated step takes
 longest bounds the step (its op times are the timeline's; on a mix of devices one slow at
@@ -29,8 +32,7 @@ their source tensor's readiness; a reshard starts when its source is ready and t
 and its consumers wait for it. So gradient all-reduces overlap with the rest of the backward pass.
 A reshard with no collective (a local slice) costs nothing and waits for nothing.
 step_time = makespan. With `overlap=False` step_time = compute + comm.
-Not modelled: XLA's fusion (each op is priced alone, so chains of elementwise ops pay their memory
-traffic once each), kernel launch overheads, collectives inside loop bodies (a scan/while op is one
+Not modelled: kernel launch overheads, collectives inside loop bodies (a scan/while op is one
 op whose operands are resharded at its boundary), and the memory a loop body uses internally.
 
 Memory (per device). Graph inputs and constants live for the whole step (no donation); an op's
@@ -156,6 +158,25 @@ class Cost:
                 what = " + ".join(f"{c.kind}({','.join(c.axes)}) {_si(c.bytes)}B" for c in comms)
                 lines.append(f"    t{tid} {src} -> {dst}: {what}, {secs * 1e3:.3f} ms")
         return "\n".join(lines)
+
+
+def memory_traffic(graph: OpGraph, lowering: str | None = None) -> float:
+    """Bytes the unsharded step reads and writes in memory, as the roofline counts them: each op's
+    bytes, less the operands and results XLA's fusion keeps out of memory (`_fused`; `lowering`
+    "xla-cpu" for XLA:CPU's fusion rules, to compare with its `cost_analysis()["bytes accessed"]`,
+    as benchmarks/trace_flops.py does)."""
+    out_set = set(graph.outputs)
+    last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
+                     for t in graph.tensors], np.int64)
+    for t in out_set:
+        last[t] = len(graph.ops)
+    fused = _fused(graph, last, out_set, lowering)
+    total = 0.0
+    for op in graph.ops:
+        io = [graph.tensors[t].nbytes for t in op.inputs + op.outputs]
+        kept = sum(0 if fused[t] else n for t, n in zip(op.inputs + op.outputs, io))
+        total += op.bytes * kept / sum(io) if sum(io) > 0 else op.bytes
+    return total
 
 
 def fits(cost: Cost, topology, mesh: MeshSpec, usable: float = USABLE_MEMORY) -> bool:
@@ -323,8 +344,10 @@ class Simulator:
         # (row, sharding id, tensor bytes) for every operand of every (op, strategy) row
         row_of_in = np.repeat(np.arange(len(nst) and int(nst.sum())), np.repeat(nin, nst))
         row_of_out = np.repeat(np.arange(len(nst) and int(nst.sum())), np.repeat(nout, nst))
-        in_nbytes = nbytes[np.array(in_idx, np.int64)]
-        out_nbytes = nbytes[np.array(out_idx, np.int64)]
+        # the roofline's memory traffic: a value XLA fuses away is neither written nor read again
+        moved_bytes = np.where(fused, 0.0, nbytes)
+        in_nbytes = moved_bytes[np.array(in_idx, np.int64)]
+        out_nbytes = moved_bytes[np.array(out_idx, np.int64)]
         consumers_of: list[list[tuple[int, int]]] = [[] for _ in range(n_t)]
         for t, i, p in zip(e_t.tolist(), e_op.tolist(), e_pos.tolist()):
             consumers_of[t].append((i, p))

@@ -105,9 +105,35 @@ def _batch_key(key):
     return jax.random.key(BATCH_SEED, impl=impl)
 
 
+def _floating_as(tree, dtype):
+    """Floating leaves of `tree` cast to `dtype` (integer ids, labels and masks are left alone)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def compute_dtype_of(compute_dtype):
+    """None (float32 throughout) or a 16-bit floating dtype for mixed-precision training."""
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"compute_dtype={compute_dtype!r}: pass None, 'bfloat16', 'float16' or "
+                         "'float32'")
+    return None if dtype == jnp.dtype(jnp.float32) else dtype
+
+
 def make_example(name, size, cfg, task: Task, *, optimizer="adamw", learning_rate=None,
-                 description="") -> Example:
+                 description="", compute_dtype=None) -> Example:
+    """`compute_dtype` (e.g. "bfloat16"): mixed precision as Flax/optax loops do it. Parameters,
+    optimizer state and collections stay float32 in the state (the master copy); the forward and
+    backward pass run on copies cast to the 16-bit dtype, floating batch inputs too, so matmuls run
+    at the device's 16-bit rate; the loss is float32 and the gradients come back float32 through
+    the casts, so the update is float32."""
     tx = make_optimizer(optimizer, learning_rate)
+    low = compute_dtype_of(compute_dtype)
 
     def init(key):
         batch = task.sample_batch(_batch_key(key))
@@ -121,6 +147,17 @@ def make_example(name, size, cfg, task: Task, *, optimizer="adamw", learning_rat
         extra = {k: v for k, v in state.items() if k not in _STATE_KEYS}
 
         def objective(params):
+            if low is None:
+                return _objective(params, extra, batch)
+            loss, (metrics, updated) = _objective(
+                _floating_as(params, low), _floating_as(extra, low), _floating_as(batch, low))
+            # collections (BatchNorm statistics) go back to their float32 state dtype
+            old = jax.tree_util.tree_leaves({k: extra[k] for k in updated})
+            new, treedef = jax.tree_util.tree_flatten(updated)
+            updated = treedef.unflatten([n.astype(o.dtype) for n, o in zip(new, old)])
+            return loss.astype(jnp.float32), (_floating_as(metrics, jnp.float32), updated)
+
+        def _objective(params, extra, batch):
             loss, metrics, updated = task.loss({"params": params, **extra}, batch)
             return loss, (metrics, updated)
 
@@ -157,8 +194,10 @@ class ModelSpec:
     def sizes(self) -> tuple[str, ...]:
         return tuple(self.configs)
 
-    def get(self, size="toy", *, optimizer="adamw", learning_rate=None, **overrides) -> Example:
-        """Build the example; `overrides` replace config fields (e.g. batch=8, scan_layers=True)."""
+    def get(self, size="toy", *, optimizer="adamw", learning_rate=None, compute_dtype=None,
+            **overrides) -> Example:
+        """Build the example; `overrides` replace config fields (e.g. batch=8, scan_layers=True);
+        `compute_dtype="bfloat16"` trains in mixed precision (see `make_example`)."""
         if size not in self.configs:
             raise KeyError(f"model {self.name!r} has no size {size!r}; sizes: {list(self.configs)}")
         cfg = self.configs[size]
@@ -170,8 +209,10 @@ class ModelSpec:
         cfg = dataclasses.replace(cfg, **overrides)
         shown = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))
         return make_example(self.name, size, cfg, self.task(cfg), optimizer=optimizer,
-                            learning_rate=learning_rate,
-                            description=f"{self.description} [{size}: {shown}]")
+                            learning_rate=learning_rate, compute_dtype=compute_dtype,
+                            description=f"{self.description} [{size}: {shown}"
+                                        + (f", compute_dtype={jnp.dtype(compute_dtype).name}"
+                                           if compute_dtype_of(compute_dtype) else "") + "]")
 
 
 # ---- small helpers shared by the families -------------------------------------------------------

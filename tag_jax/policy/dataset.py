@@ -15,8 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-TEACHER_VERSION = "teacher-2"  # bump when labels change meaning; keys the cache directory
-SEEDS_VERSION = "seeds-1"  # the same for the ranking head's priced seeds (`generate_seeds`)
+TEACHER_VERSION = "teacher-3"  # bump when labels change meaning; keys the cache directory
+SEEDS_VERSION = "seeds-2"  # the same for the ranking head's priced seeds (`generate_seeds`)
 SEED_OFFSET = 50000  # seed problems draw from seed*100000 + SEED_OFFSET + i: none is a teacher's
 MESH_TIE = 0.01  # meshes within 1% of the best all count as the best (the mesh head's target)
 

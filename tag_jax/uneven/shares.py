@@ -11,6 +11,11 @@ once, so the slowest sets the pace:
 d_g is the size of group g's data axis: a group's share must split evenly over its devices, which
 is why this is a MILP and not an LP (`scipy.optimize.milp`; the LP relaxation gives the ideal
 continuous shares n_g = (T - fixed_g) / per_example_g). max_g bounds the share by memory.
+
+Where several splits reach the same T (a group whose time hardly grows with its share, as on tiny
+programs where fixed costs dominate), a second program keeps T within a part in 10^6 of the optimum
+and minimises the largest per-device load k_g: the most even split among the fastest, not whichever
+vertex the solver meets first (which put 44 of 48 examples on one of two identical groups).
 """
 from __future__ import annotations
 
@@ -71,7 +76,20 @@ def solve_shares(models: Sequence[GroupModel], batch: int) -> Shares:
             f"{[m.name for m in models]} with shares multiples of {[m.multiple for m in models]} "
             f"(at most {[int(h * m.multiple) for h, m in zip(hi, models)]}): {res.message}; "
             "use a batch that these multiples can sum to, or other groups")
-    k = np.rint(res.x[:G]).astype(int)
+    # the tie-break: T kept at the optimum, the largest per-device load U >= k_g minimised
+    best_t = float(res.x[G])
+    rows_u = np.hstack([np.diag(b * d), -np.ones((G, 1)), np.zeros((G, 1))])
+    load = np.hstack([np.eye(G), np.zeros((G, 1)), -np.ones((G, 1))])        # k_g - U <= 0
+    cap = np.r_[np.zeros(G), 1.0, 0.0][None, :]                              # T <= T* (1 + 1e-6)
+    even = milp(np.r_[np.zeros(G), 0.0, 1.0],
+                constraints=[LinearConstraint(rows_u, -np.inf, -a),
+                             LinearConstraint(np.r_[d, 0.0, 0.0][None, :], batch, batch),
+                             LinearConstraint(load, -np.inf, 0.0),
+                             LinearConstraint(cap, -np.inf, best_t * (1 + 1e-6) + 1e-12)],
+                bounds=Bounds(np.r_[np.ones(G), 0.0, 0.0], np.r_[hi, np.inf, np.inf]),
+                integrality=np.r_[np.ones(G), 0, 0])
+    x = even.x if even.status == 0 and even.x is not None else res.x
+    k = np.rint(x[:G]).astype(int)
     shares = tuple(int(x) for x in k * d.astype(int))
     relaxed = milp(c, constraints=cons, bounds=bounds)
     cont = tuple(float(x) for x in relaxed.x[:G] * d) if relaxed.x is not None else tuple(map(float, shares))
