@@ -439,3 +439,29 @@ def test_select_chain_runs_where_its_operands_merge(x_sh, end, meshes):
     predicted, real = _compare(f, (S((64, 64), F32), S((64, 64), F32)), (P("a", None), x_sh),
                                pick, MESH2, meshes[MESH2])
     assert predicted == real
+
+
+def test_a_bf16_partial_sum_is_reduced_in_float32_on_cpu(meshes):
+    """XLA:CPU all-reduces a bf16 weight gradient in float32 (then converts): with
+    `lowering="xla-cpu"` the simulator counts float32's bytes; the default (GPU/TPU) bf16's."""
+    from tag_jax.cost import Simulator
+    from toy_strategies import one_option_per_op, toy_topology
+    from tag_jax.strategy import Strategy
+
+    def f(x, g):
+        return (x.T @ g) * 2.0
+
+    def pick(op, k):
+        if op.primitive == "transpose":
+            return [P("a", None)], [P(None, "a")]
+        if op.primitive == "dot_general":
+            return [P(None, "a"), P("a", None)], [P(None, None, partial="a")]
+        return None
+
+    args = (S((256, 64), jnp.bfloat16), S((256, 64), jnp.bfloat16))
+    predicted, real = _compare(f, args, (P("a", None), P("a", None)), pick, MESH1, meshes[MESH1])
+    assert predicted == {"all-reduce": 64 * 64 * 2} and real == {"all-reduce": 64 * 64 * 4}
+    graph = tag_jax.trace(f, *args)
+    strategy = Strategy(MESH1, (0,) * len(graph.ops), (P("a", None), P("a", None)))
+    cpu = Simulator(graph, one_option_per_op(graph, pick), toy_topology(), MESH1, lowering="xla-cpu")
+    assert {k: v for k, v in cpu.cost(strategy).comm_bytes_by_kind.items() if v} == real

@@ -76,6 +76,7 @@ schedule of the recommender's table all-gathers), so their copies are live at on
 fuses at most one multiply/maximum of materialised values (YNNPACK fusions): any other elementwise
 value it reads is materialised, e.g. batch norm's ``x - mean`` from the forward to the backward's
 ``reduce_sum(dy * (x - mean))``, while still recomputed inside its other users' fusions (`_fused`).
+A 16-bit floating partial sum is reduced in float32 (twice the bytes; `_cpu_wide_reductions`).
 `Simulator.live_at(strategy)` lists what the memory model holds at its peak (or at any op).
 
 `Simulator` precomputes per-graph arrays once (`with_mesh` reuses them for another mesh, and the
@@ -158,6 +159,15 @@ class Cost:
                 what = " + ".join(f"{c.kind}({','.join(c.axes)}) {_si(c.bytes)}B" for c in comms)
                 lines.append(f"    t{tid} {src} -> {dst}: {what}, {secs * 1e3:.3f} ms")
         return "\n".join(lines)
+
+
+def _cpu_wide_reductions(comms: tuple[Comm, ...]) -> tuple[Comm, ...]:
+    """XLA:CPU sums a 16-bit floating partial result in float32: the dot or reduction that makes
+    it writes float32, the all-reduce moves float32, and the convert to 16 bits follows (compiled
+    on 8 CPU devices: ``f32[64,64] all-reduce(dot)`` then ``bf16 convert`` for a bf16 einsum), so
+    its reductions move twice the bytes. GPU and TPU reduce in the 16-bit dtype."""
+    return tuple(dataclasses.replace(c, bytes=2 * c.bytes) if c.kind in ("all-reduce", "reduce-scatter")
+                 else c for c in comms)
 
 
 def memory_traffic(graph: OpGraph, lowering: str | None = None) -> float:
@@ -474,6 +484,8 @@ class Simulator:
                 t = self.graph.tensors[int(tids[j])]
                 d = items[int(dst[j])]
                 comms = reshard_collectives(items[int(src[j])], d, t.shape, t.dtype, self.mesh)
+                if self.lowering == "xla-cpu" and t.dtype.itemsize == 2 and jnp.issubdtype(t.dtype, jnp.floating):
+                    comms = _cpu_wide_reductions(comms)
                 dur.append(sum(self.comm_seconds(c) for c in comms))
                 rb.append(t.nbytes / max(1, d.shards(self.mesh.axes)))
                 row = [0] * len(KINDS)
