@@ -4,6 +4,7 @@ Usage: python benchmarks/fidelity.py [--models gpt2:small,bert:base] [--topology
                                      [--plans data_parallel,fsdp,megatron,tag_jax] [--budget 7]
                                      [--random N] [--random-models mlp:real,vgg:19:8]
                                      [--constrain operands|results] [--cache FILE] [--hlo-dir DIR]
+                                     [--compute-dtype bfloat16]
                                      [--out benchmarks/FIDELITY.md]
 
 `--constrain operands` (the default here) compiles the program emitted with
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--baseline-plans-dir", default=None,
                     help="save the baselines' plans here; a plan saved there is reused (re-priced)")
     ap.add_argument("--constrain", default="operands", choices=("operands", "results"))
+    ap.add_argument("--compute-dtype", default=None,
+                    help="the zoo in mixed precision, e.g. bfloat16 (models.get(compute_dtype=...))")
     args = ap.parse_args()
     topo = tag_jax.Topology.preset(args.topology)
     # the compiled side is XLA:CPU's: price its scratch buffers too (tag_jax.cost.simulate.LOWERING)
@@ -181,7 +184,7 @@ def main() -> None:
     cases = list(dict.fromkeys([c for c in args.models.split(",") if c] + random_models))
     for case in cases:
         name, size = case.split(":")
-        ex = models.get(name, size)
+        ex = models.get(name, size, compute_dtype=args.compute_dtype)
         todo = []
         if case in args.models.split(",") and plans:
             for plan_name in plans:
@@ -212,7 +215,8 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = make()
             plan_s = time.perf_counter() - t0
-            key = _key(case, plan.strategy, args.constrain)
+            key = _key(case + (f":{args.compute_dtype}" if args.compute_dtype else ""), plan.strategy,
+                       args.constrain)
             hlo = os.path.join(args.hlo_dir, f"{name}-{size}-{label}.hlo") if args.hlo_dir else None
             try:
                 real = _compiled(plan, ex, args.constrain, cache, key, hlo)
@@ -269,6 +273,8 @@ def main() -> None:
             cmd += f" --baseline-plans-dir {args.baseline_plans_dir}"
         if args.cache:
             cmd += f" --cache {args.cache}"
+        if args.compute_dtype:
+            cmd += f" --compute-dtype {args.compute_dtype}"
         if args.random:
             cmd += f" --random {args.random}"
             if args.random_models:
