@@ -3,11 +3,12 @@
 `search(graph, topology, device_ids, ...)` returns the best strategy found within `time_budget_s`.
 It never returns a plan the simulator prices worse than a seed, on the meshes it considered.
 
-Order of work: the first mesh's baselines; the Alpa-style ILP on that mesh (`_ilp_seed`; most
-models solve to optimality in about a second, and where they do not its plan is the one the
-annealer is least likely to reach); the other meshes' baselines (Megatron on at least one 2-D mesh
-while three quarters of the budget are left, and on the further 2-D meshes while seeding one
-still ends before then) and, for small graphs, the 2-D tensor-parallel plan
+Order of work: the first mesh's baselines, and Megatron on every 2-D mesh of all the devices
+where that is affordable (estimated from the op count); the Alpa-style ILP on the first mesh
+(`_ilp_seed`; most models solve to optimality in about a second, and where they do not its plan is
+the one the annealer is least likely to reach); the other meshes' baselines (Megatron on at least
+one 2-D mesh while three quarters of the budget are left, and on the further 2-D meshes while
+seeding one still ends before then) and, for small graphs, the 2-D tensor-parallel plan
 (`two_d_strategy`); the policy's plans; then annealing on the two most promising meshes: argument
 shardings from the best seed with a decision vector, and op options from that result and from the
 best seed the decision vector cannot express (ILP, 2-D) each.
@@ -32,6 +33,7 @@ ILP_SHARE = 0.5  # of the time budget, at most, for the ILP seed on the first me
 # (skipped under 0.5 s)
 ILP_SHARE_LARGE = 0.75  # the same where one seed costs more than 1/80 of the budget (large graphs)
 SEED_SECONDS_PER_OP = 4e-5  # one seed's pricing per op (GPT-2 small: 5,781 ops, ~0.25 s/seed here)
+MESH_SEEDS = 5  # seeding a 2-D mesh (rules, simulator, Megatron's two readings) costs ~5 seeds (t5-base: 2.1 s)
 POLICY_SECONDS_PER_OP_MESH = 3e-4  # the policy's seeds per op and mesh (GPT-2 small, 2 meshes: ~3.5 s)
 SETTLED_WEIGHT = 0.5  # share of a mesh whose best seed is a proven-optimal ILP plan, against 1
 TWO_D_OPTIONS = 60_000  # the 2-D seed on graphs with at most this many op options (one propagate)
@@ -94,6 +96,14 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     everyone = set(meshes[0].device_ids)
     fewer = [k for k, m in enumerate(meshes) if set(m.device_ids) != everyone]
     ilp_at = 3 if fewer else 2
+    # Megatron on every 2-D mesh of all the devices is a hand-written plan the result must not lose
+    # to: where seeding them all is affordable (estimated from the op count, so the same on a
+    # busier machine), the ILP waits until they are seeded. t5-base on 2x4-v100-25gbe: the ILP
+    # (time-limited, 6 s) ran after (4, 2) and left no time for Megatron on (2, 4), 0.388 s
+    # against the plan's 0.428 s.
+    two_d = [k for k, m in enumerate(meshes) if len(m.shape) == 2 and set(m.device_ids) == everyone]
+    if two_d and len(two_d) * MESH_SEEDS * SEED_SECONDS_PER_OP * len(graph.ops) <= 0.5 * time_budget_s:
+        ilp_at = max(ilp_at, two_d[-1] + 1)
     replicated_on: set[frozenset] = set()
     for k, mesh in enumerate(meshes):
         if scored and ilp_spent is None and (k >= ilp_at or all(len(m.shape) == 1 for m in meshes)):
