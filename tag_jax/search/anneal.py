@@ -67,6 +67,7 @@ class SearchResult:
     seeds: dict  # name -> predicted step time of each starting plan
     decisions: dict  # group key -> Option (for the summary)
     history: tuple  # (seconds, best step time) whenever the best improved
+    over_memory: frozenset = frozenset()  # names of the seeds that do not fit in memory
 
 
 def layer_key(path: str) -> str:

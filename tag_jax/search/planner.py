@@ -256,7 +256,8 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
     best_strategy = dataclasses.replace(best_strategy, name=f"tag_jax ({best_name})")
     return SearchResult(strategy=best_strategy, cost=best_cost, evaluations=evaluations,
                         seconds=time.perf_counter() - t0, seeds=seeds, decisions=decisions,
-                        history=tuple(history))
+                        history=tuple(history),
+                        over_memory=frozenset(s[1] for s in scored if not math.isfinite(s[0])))
 
 
 def _ilp_seed(graph: OpGraph, topology, scored: list, seeds: dict, settled: set, t0: float,
