@@ -465,3 +465,32 @@ def test_a_bf16_partial_sum_is_reduced_in_float32_on_cpu(meshes):
     strategy = Strategy(MESH1, (0,) * len(graph.ops), (P("a", None), P("a", None)))
     cpu = Simulator(graph, one_option_per_op(graph, pick), toy_topology(), MESH1, lowering="xla-cpu")
     assert {k: v for k, v in cpu.cost(strategy).comm_bytes_by_kind.items() if v} == real
+
+
+def test_a_bf16_reduce_scatter_is_read_through_its_convert_on_cpu(meshes):
+    """A bf16 partial sum reduced to a split layout: XLA:CPU all-reduces it in float32, converts
+    to bf16 and slices 1/8 (`tag_jax.hlo` reads through the convert: a reduce-scatter), and gathers
+    a bf16 weight as float32; `lowering="xla-cpu"` predicts both at float32's bytes."""
+    from tag_jax.cost import Simulator
+    from toy_strategies import one_option_per_op, toy_topology
+    from tag_jax.strategy import Strategy
+
+    def f(x, g):
+        return (x.T @ g) * 2.0
+
+    def pick(op, k):
+        if op.primitive == "transpose":
+            return [P("a", None)], [P(None, "a")]
+        if op.primitive == "dot_general":
+            return [P(None, "a"), P("a", None)], [P(None, None, partial="a")]
+        if op.primitive == "mul":
+            return [P("a", None), P()], [P("a", None)]
+        return None
+
+    args = (S((256, 64), jnp.bfloat16), S((256, 64), jnp.bfloat16))
+    predicted, real = _compare(f, args, (P("a", None), P("a", None)), pick, MESH1, meshes[MESH1])
+    assert real == {"reduce-scatter": 64 * 64 * 4 // 8}
+    graph = tag_jax.trace(f, *args)
+    strategy = Strategy(MESH1, (0,) * len(graph.ops), (P("a", None), P("a", None)))
+    cpu = Simulator(graph, one_option_per_op(graph, pick), toy_topology(), MESH1, lowering="xla-cpu")
+    assert {k: v for k, v in cpu.cost(strategy).comm_bytes_by_kind.items() if v} == real

@@ -76,7 +76,7 @@ schedule of the recommender's table all-gathers), so their copies are live at on
 fuses at most one multiply/maximum of materialised values (YNNPACK fusions): any other elementwise
 value it reads is materialised, e.g. batch norm's ``x - mean`` from the forward to the backward's
 ``reduce_sum(dy * (x - mean))``, while still recomputed inside its other users' fusions (`_fused`).
-A 16-bit floating partial sum is reduced in float32 (twice the bytes; `_cpu_wide_reductions`).
+A 16-bit floating tensor's collectives move float32 (twice the bytes; `_cpu_wide_collectives`).
 `Simulator.live_at(strategy)` lists what the memory model holds at its peak (or at any op).
 
 `Simulator` precomputes per-graph arrays once (`with_mesh` reuses them for another mesh, and the
@@ -161,13 +161,15 @@ class Cost:
         return "\n".join(lines)
 
 
-def _cpu_wide_reductions(comms: tuple[Comm, ...]) -> tuple[Comm, ...]:
-    """XLA:CPU sums a 16-bit floating partial result in float32: the dot or reduction that makes
-    it writes float32, the all-reduce moves float32, and the convert to 16 bits follows (compiled
-    on 8 CPU devices: ``f32[64,64] all-reduce(dot)`` then ``bf16 convert`` for a bf16 einsum), so
-    its reductions move twice the bytes. GPU and TPU reduce in the 16-bit dtype."""
-    return tuple(dataclasses.replace(c, bytes=2 * c.bytes) if c.kind in ("all-reduce", "reduce-scatter")
-                 else c for c in comms)
+def _cpu_wide_collectives(comms: tuple[Comm, ...]) -> tuple[Comm, ...]:
+    """XLA:CPU computes 16-bit floating dots, convolutions and reductions in float32 (its float
+    normalisation inserts converts around them) and moves the converts past the collectives, so
+    those move float32: a bf16 einsum's partial sum is ``f32 all-reduce(dot)`` then a convert to
+    bf16, and a bf16 weight gathered for a dot is converted first and all-gathered as f32
+    (compiled on 8 CPU devices; the zoo in bfloat16: every all-gather of tag_jax's plans at twice
+    the bf16 bytes). So every collective of a 16-bit floating tensor moves twice its bytes. GPU
+    and TPU move the 16-bit dtype."""
+    return tuple(dataclasses.replace(c, bytes=2 * c.bytes) for c in comms)
 
 
 def memory_traffic(graph: OpGraph, lowering: str | None = None) -> float:
@@ -485,7 +487,7 @@ class Simulator:
                 d = items[int(dst[j])]
                 comms = reshard_collectives(items[int(src[j])], d, t.shape, t.dtype, self.mesh)
                 if self.lowering == "xla-cpu" and t.dtype.itemsize == 2 and jnp.issubdtype(t.dtype, jnp.floating):
-                    comms = _cpu_wide_reductions(comms)
+                    comms = _cpu_wide_collectives(comms)
                 dur.append(sum(self.comm_seconds(c) for c in comms))
                 rb.append(t.nbytes / max(1, d.shards(self.mesh.axes)))
                 row = [0] * len(KINDS)

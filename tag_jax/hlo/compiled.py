@@ -23,7 +23,9 @@ REDUCE_SCATTER_REWRITE = "all-reduce+dynamic-slice"
 _BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16,
          "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
          "c64": 64, "c128": 128, "token": 0}
-_PASS_THROUGH = ("bitcast", "reshape", "copy", "transpose")  # keep every element, move no data between devices
+# keep every element, move no data between devices; a convert too (XLA:CPU all-reduces a bf16 sum
+# in float32 and converts it back before slicing it: still its reduce-scatter)
+_PASS_THROUGH = ("bitcast", "reshape", "copy", "transpose", "convert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +246,17 @@ def _depends_on_device(comp: _Comp, name: str, stack: tuple) -> bool:
 def _slice_uses(comps, comp: _Comp, name: str, shape: tuple, n: int, stack=()) -> list | None:
     """Result shapes of the dynamic-slices that every use of ``name`` ends in, each 1/n of it along one dim.
 
-    ``None`` when some use is anything else (or ``name`` is its computation's ROOT, or unused).
+    ``None`` when some use is anything else (or ``name`` is the ROOT of the entry computation, or
+    unused). The ROOT of a fusion entered on the way (``stack``) continues as the fusion's result
+    (XLA:CPU wraps the float32 -> bf16 convert after a bf16 sum's all-reduce in a fusion of its own).
     """
     uses = comp.users.get(name, [])
-    if not uses or comp.root[0] == name:
+    if comp.root[0] == name:
+        if not stack:
+            return None
+        caller, call = stack[-1]
+        return _slice_uses(comps, caller, call.name, _arrays(call.shape, call.name)[0][1], n, stack[:-1])
+    if not uses:
         return None
     found = []
     for user, idx in uses:
@@ -314,7 +323,7 @@ def collectives(compiled_or_text: Any, *, num_devices: int | None = None,
     result every device then slices. An all-reduce result (or one element of a tuple all-reduce, via
     get-tuple-element) is reported as kind ``"reduce-scatter"`` with ``bytes`` = the slice size and
     ``fused_from="all-reduce+dynamic-slice"`` when ALL its uses, followed through bitcast / reshape /
-    copy / transpose and into the parameters of fusions, end as operand 0 of a ``dynamic-slice`` whose
+    copy / transpose / convert and into the parameters of fusions, end as operand 0 of a ``dynamic-slice`` whose
     result has the operand's shape except one dim divided by the group size n, and whose offsets are
     computed from ``partition-id``/``replica-id``. A value that is also used whole (or is a
     computation's ROOT) stays an all-reduce. The elements of a tuple all-reduce that match become one
