@@ -272,6 +272,23 @@ def test_a_fused_elementwise_chain_pays_its_memory_traffic_once():
     assert memory_traffic(g2) > 2.5 * whole
 
 
+def test_a_local_select_of_a_whole_value_holds_no_copy():
+    """A transpose that takes its replicated operand as a partial sum (a local select the program
+    never makes: partial layouts are not constraints) reads the operand where it lies: the same
+    peak memory and no communication as the plain transpose."""
+    g = tag_jax.trace(lambda x: x.T * 2.0, S((1024, 1024), F32))
+    assert [op.primitive for op in g.ops] == ["transpose", "mul"]
+    mesh = MeshSpec((8,), ("a",), tuple(range(8)))
+    plain = OpStrategy("R", (P(None, None),), (P(None, None),))
+    select = OpStrategy("R +partial(a)", (P(None, None, partial="a"),), (P(None, None, partial="a"),))
+    mul = OpStrategy("R", (P(None, None), P()), (P(None, None),))
+    sim = Simulator(g, ((plain, select), (mul,)), two_node_topology(), mesh)
+    a = sim.cost(Strategy(mesh, (0, 0), (P(None, None),)))
+    b = sim.cost(Strategy(mesh, (1, 0), (P(None, None),)))
+    assert b.comm_bytes == a.comm_bytes == 0
+    assert b.peak_memory_bytes == a.peak_memory_bytes
+
+
 def test_heterogeneous_mesh_is_bounded_by_the_slowest_device():
     g = matmul_graph()
     split = OpStrategy("S", (P("a", None), P(None, None)), (P("a", None),))
