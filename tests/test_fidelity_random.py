@@ -441,36 +441,14 @@ def test_select_chain_runs_where_its_operands_merge(x_sh, end, meshes):
     assert predicted == real
 
 
-def test_a_bf16_partial_sum_is_reduced_in_float32_on_cpu(meshes):
-    """XLA:CPU all-reduces a bf16 weight gradient in float32 (then converts): with
-    `lowering="xla-cpu"` the simulator counts float32's bytes; the default (GPU/TPU) bf16's."""
-    from tag_jax.cost import Simulator
-    from toy_strategies import one_option_per_op, toy_topology
-    from tag_jax.strategy import Strategy
-
-    def f(x, g):
-        return (x.T @ g) * 2.0
-
-    def pick(op, k):
-        if op.primitive == "transpose":
-            return [P("a", None)], [P(None, "a")]
-        if op.primitive == "dot_general":
-            return [P(None, "a"), P("a", None)], [P(None, None, partial="a")]
-        return None
-
-    args = (S((256, 64), jnp.bfloat16), S((256, 64), jnp.bfloat16))
-    predicted, real = _compare(f, args, (P("a", None), P("a", None)), pick, MESH1, meshes[MESH1])
-    assert predicted == {"all-reduce": 64 * 64 * 2} and real == {"all-reduce": 64 * 64 * 4}
-    graph = tag_jax.trace(f, *args)
-    strategy = Strategy(MESH1, (0,) * len(graph.ops), (P("a", None), P("a", None)))
-    cpu = Simulator(graph, one_option_per_op(graph, pick), toy_topology(), MESH1, lowering="xla-cpu")
-    assert {k: v for k, v in cpu.cost(strategy).comm_bytes_by_kind.items() if v} == real
-
-
-def test_a_bf16_reduce_scatter_is_read_through_its_convert_on_cpu(meshes):
-    """A bf16 partial sum reduced to a split layout: XLA:CPU all-reduces it in float32, converts
-    to bf16 and slices 1/8 (`tag_jax.hlo` reads through the convert: a reduce-scatter), and gathers
-    a bf16 weight as float32; `lowering="xla-cpu"` predicts both at float32's bytes."""
+@pytest.mark.parametrize("result,compiled", [
+    (P(None, None), {"all-reduce": 64 * 64 * 4}),          # all-reduced in float32, then converted
+    (P("a", None), {"reduce-scatter": 64 * 64 * 4 // 8}),  # the same, converted, sliced 1/8
+], ids=["whole", "split"])
+def test_a_bf16_partial_sum_is_reduced_in_float32_on_cpu(result, compiled, meshes):
+    """XLA:CPU all-reduces a bf16 weight gradient in float32 and converts it back (`tag_jax.hlo`
+    reads a reduce-scatter through the convert); with `lowering="xla-cpu"` the simulator counts
+    float32's bytes, by default (GPU/TPU) bf16's."""
     from tag_jax.cost import Simulator
     from toy_strategies import one_option_per_op, toy_topology
     from tag_jax.strategy import Strategy
@@ -484,12 +462,13 @@ def test_a_bf16_reduce_scatter_is_read_through_its_convert_on_cpu(meshes):
         if op.primitive == "dot_general":
             return [P(None, "a"), P("a", None)], [P(None, None, partial="a")]
         if op.primitive == "mul":
-            return [P("a", None), P()], [P("a", None)]
+            return [result, P()], [result]
         return None
 
     args = (S((256, 64), jnp.bfloat16), S((256, 64), jnp.bfloat16))
     predicted, real = _compare(f, args, (P("a", None), P("a", None)), pick, MESH1, meshes[MESH1])
-    assert real == {"reduce-scatter": 64 * 64 * 4 // 8}
+    assert real == compiled
+    assert predicted == {k: v // 2 for k, v in compiled.items()}
     graph = tag_jax.trace(f, *args)
     strategy = Strategy(MESH1, (0,) * len(graph.ops), (P("a", None), P("a", None)))
     cpu = Simulator(graph, one_option_per_op(graph, pick), toy_topology(), MESH1, lowering="xla-cpu")
