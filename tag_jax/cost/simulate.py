@@ -172,17 +172,23 @@ def _cpu_wide_collectives(comms: tuple[Comm, ...]) -> tuple[Comm, ...]:
     return tuple(dataclasses.replace(c, bytes=2 * c.bytes) for c in comms)
 
 
+def _last_uses(g: OpGraph, out_set: set) -> np.ndarray:
+    """Per tensor, the position of the last op that reads it (its producer if none does); graph
+    results are read at the end (position len(g.ops))."""
+    last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
+                     for t in g.tensors], np.int64)
+    for t in out_set:
+        last[t] = len(g.ops)
+    return last
+
+
 def memory_traffic(graph: OpGraph, lowering: str | None = None) -> float:
     """Bytes the unsharded step reads and writes in memory, as the roofline counts them: each op's
     bytes, less the operands and results XLA's fusion keeps out of memory (`_fused`; `lowering`
     "xla-cpu" for XLA:CPU's fusion rules, to compare with its `cost_analysis()["bytes accessed"]`,
     as benchmarks/trace_flops.py does)."""
     out_set = set(graph.outputs)
-    last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
-                     for t in graph.tensors], np.int64)
-    for t in out_set:
-        last[t] = len(graph.ops)
-    fused = _fused(graph, last, out_set, lowering)
+    fused = _fused(graph, _last_uses(graph, out_set), out_set, lowering)
     total = 0.0
     for op in graph.ops:
         io = [graph.tensors[t].nbytes for t in op.inputs + op.outputs]
@@ -332,10 +338,7 @@ class Simulator:
         is_input = np.zeros(n_t, bool)
         is_input[list(g.inputs)] = True
         out_set = set(g.outputs)
-        last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
-                         for t in g.tensors], np.int64)
-        for t in out_set:
-            last[t] = n_ops
+        last = _last_uses(g, out_set)
         fused = _fused(g, last, out_set)
         e_t, e_op = np.array(e_t, np.int64), np.array(e_op, np.int64)
         e_pos = np.array(e_pos, np.int64)
@@ -484,12 +487,11 @@ class Simulator:
             dur, rb, kb, ag0 = [], [], [], []
             for j in where.tolist():
                 t = self.graph.tensors[int(tids[j])]
-                d = items[int(dst[j])]
-                comms = reshard_collectives(items[int(src[j])], d, t.shape, t.dtype, self.mesh)
+                s, d = items[int(src[j])], items[int(dst[j])]
+                comms = reshard_collectives(s, d, t.shape, t.dtype, self.mesh)
                 if self.lowering == "xla-cpu" and t.dtype.itemsize == 2 and jnp.issubdtype(t.dtype, jnp.floating):
                     comms = _cpu_wide_collectives(comms)
                 dur.append(sum(self.comm_seconds(c) for c in comms))
-                s = items[int(src[j])]
                 # a non-partial value wanted as partial over more axes (a local select) is read
                 # where it lies: partial layouts are never constraints, so the program holds no
                 # copy (vgg-19: the replicated 411 MB classifier weight gradient wanted as such by
@@ -1553,10 +1555,7 @@ class Simulator:
         if got is None:
             g = self.graph
             out_set = set(g.outputs)
-            last = np.array([max(t.consumers, default=t.producer if t.producer is not None else -1)
-                             for t in g.tensors], np.int64)
-            for t in out_set:
-                last[t] = sh["n_ops"]
+            last = _last_uses(g, out_set)
             kept: list = []
             fused = _fused(g, last, out_set, lowering="xla-cpu", kept=kept)
             kt, kc, kp = (np.array(x, np.int64).reshape(-1) for x in zip(*kept)) if kept else (

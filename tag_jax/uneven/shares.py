@@ -78,12 +78,12 @@ def solve_shares(models: Sequence[GroupModel], batch: int) -> Shares:
             "use a batch that these multiples can sum to, or other groups")
     # the tie-break: T kept at the optimum, the largest per-device load U >= k_g minimised
     best_t = float(res.x[G])
-    rows_u = np.hstack([np.diag(b * d), -np.ones((G, 1)), np.zeros((G, 1))])
+    # (the same variables and constraints with U appended)
     load = np.hstack([np.eye(G), np.zeros((G, 1)), -np.ones((G, 1))])        # k_g - U <= 0
     cap = np.r_[np.zeros(G), 1.0, 0.0][None, :]                              # T <= T* (1 + 1e-6)
     even = milp(np.r_[np.zeros(G), 0.0, 1.0],
-                constraints=[LinearConstraint(rows_u, -np.inf, -a),
-                             LinearConstraint(np.r_[d, 0.0, 0.0][None, :], batch, batch),
+                constraints=[LinearConstraint(np.hstack([rows, np.zeros((G, 1))]), -np.inf, -a),
+                             LinearConstraint(np.hstack([total, [[0.0]]]), batch, batch),
                              LinearConstraint(load, -np.inf, 0.0),
                              LinearConstraint(cap, -np.inf, best_t * (1 + 1e-6) + 1e-12)],
                 bounds=Bounds(np.r_[np.ones(G), 0.0, 0.0], np.r_[hi, np.inf, np.inf]),
