@@ -60,6 +60,13 @@ class Argument:
     role: str
     sharding: TensorSharding
 
+    @property
+    def itemsize(self) -> int:
+        # "void64": a typed PRNG key (`tag_jax.hlo.trace.storage_dtype`), which numpy cannot name
+        if self.dtype.startswith("void"):
+            return int(self.dtype[4:]) // 8
+        return np.dtype(self.dtype).itemsize
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
@@ -155,8 +162,9 @@ class Plan:
         rows = []
         for a in self.arguments:
             local = a.sharding.local_shape(a.shape, axes)
-            nbytes = math.prod(local) * np.dtype(a.dtype).itemsize
-            rows.append((a.path, f"{a.dtype}[{','.join(map(str, a.shape))}]",
+            nbytes = math.prod(local) * a.itemsize
+            dtype = "key" if a.dtype.startswith("void") else a.dtype  # a typed PRNG key
+            rows.append((a.path, f"{dtype}[{','.join(map(str, a.shape))}]",
                          str(a.sharding.to_partition_spec()), nbytes, a.role))
         wp = max([len("argument")] + [len(r[0]) for r in rows])
         ws = max([len("shape")] + [len(r[1]) for r in rows])

@@ -106,7 +106,7 @@ def memory(plan, ax: Any = None):
     by_role: dict[str, float] = {}
     for a in plan.arguments:
         local = a.sharding.local_shape(a.shape, axes)
-        by_role[a.role] = by_role.get(a.role, 0.0) + math.prod(local) * np.dtype(a.dtype).itemsize
+        by_role[a.role] = by_role.get(a.role, 0.0) + math.prod(local) * a.itemsize
     peak = float(plan.cost.peak_memory_bytes) if plan.cost is not None else sum(by_role.values())
     parts = dict(sorted(by_role.items()))
     parts["activations and temporaries"] = max(0.0, peak - sum(by_role.values()))

@@ -120,3 +120,53 @@ def test_donated_state_is_deleted_and_the_result_is_right():
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(batch))
     with pytest.raises(RuntimeError, match="deleted"):
         np.asarray(leaves[0])
+
+
+class ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(32)(nn.gelu(nn.Dense(64)(nn.LayerNorm()(x))))
+        return x + h, None
+
+
+class ScannedNet(nn.Module):
+    """Layers under `nn.scan` of `nn.remat` (one traced layer, recomputed in the backward), and
+    dropout drawing from a typed PRNG key (`jax.random.key`), as Flax training loops are written."""
+
+    @nn.compact
+    def __call__(self, x, rng):
+        x = nn.Dense(32)(x)
+        layers = nn.scan(nn.remat(ScannedBlock), variable_axes={"params": 0},
+                         split_rngs={"params": True}, length=3)
+        x, _ = layers()(x, None)
+        x = nn.Dropout(0.25, deterministic=False)(x, rng=rng)
+        return nn.Dense(8)(x)
+
+
+def scanned_step(state, batch):
+    rng, dropout = jax.random.split(state["rng"])
+    tx = optax.adamw(1e-2)
+
+    def loss_fn(params):
+        logits = ScannedNet().apply({"params": params}, batch["x"], dropout)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt, "rng": rng}, loss
+
+
+def test_scan_remat_dropout_with_a_typed_key_equals_the_unsharded_step():
+    batch = _batch()
+    params = ScannedNet().init(jax.random.key(0), batch["x"], jax.random.key(1))["params"]
+    state = {"params": params, "opt": optax.adamw(1e-2).init(params), "rng": jax.random.key(2)}
+    step = tag_jax.auto_shard(scanned_step, _mesh(), topology=TOPO, time_budget_s=1.0)
+    plan = step.plan(state, batch)
+    key_arg = {a.path: a for a in plan.arguments}["state/rng"]
+    assert key_arg.shape == () and key_arg.itemsize == 8  # a threefry key: two uint32 words
+    [line] = [l for l in plan.summary().splitlines() if "state/rng" in l]
+    assert line.split()[:2] == ["state/rng", "key[]"]
+    (got, got_loss), (want, want_loss) = step(state, batch), jax.jit(scanned_step)(state, batch)
+    np.testing.assert_array_equal(jax.random.key_data(got.pop("rng")),
+                                  jax.random.key_data(want.pop("rng")))
+    _assert_trees_close((got, got_loss), (want, want_loss))

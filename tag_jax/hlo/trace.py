@@ -111,6 +111,14 @@ def trace_jaxpr(jaxpr: ClosedJaxpr | Jaxpr, in_roles: Sequence[Role], trips: int
     return b.freeze(inputs, outputs, None, None, name)
 
 
+def storage_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype a tensor is priced with. JAX's extended dtypes (typed PRNG keys from
+    `jax.random.key`) have no numpy counterpart: they count as opaque items of their size."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return np.dtype(f"V{dtype.itemsize}")
+    return np.dtype(dtype)
+
+
 class _Builder:
     """Accumulates tensors and ops while walking jaxprs; `freeze` makes the immutable graph."""
 
@@ -122,7 +130,7 @@ class _Builder:
     def new_tensor(self, aval: Any, role: Role, path: str | None = None,
                    producer: int | None = None) -> int:
         shape = tuple(int(d) for d in getattr(aval, "shape", ()))
-        dtype = np.dtype(getattr(aval, "dtype", np.float32))
+        dtype = storage_dtype(getattr(aval, "dtype", np.float32))
         self.tensors.append(dict(shape=shape, dtype=dtype, role=role, path=path, producer=producer,
                                  consumers=[]))
         return len(self.tensors) - 1

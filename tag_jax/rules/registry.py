@@ -10,6 +10,7 @@ import dataclasses
 import enum
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from tag_jax.rules.factors import Factors, enumerate_strategies, replicated_only
@@ -52,6 +53,12 @@ def _shape(aval: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in getattr(aval, "shape", ()))
 
 
+def _summable(dtype: Any) -> bool:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):  # typed PRNG keys (`jax.random.key`)
+        return False
+    return np.dtype(dtype) != np.bool_
+
+
 def factors(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any],
             params: Mapping[str, Any]) -> Factors:
     """The rule's factors for one op; replicated-only factors for an unknown primitive."""
@@ -66,8 +73,8 @@ def factors(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any],
                         f"params {sorted(params)}: {type(exc).__name__}: {exc}. This is a bug in "
                         f"tag_jax.rules; until it is fixed, `tag_jax.rules.register('{primitive}')` a "
                         f"rule returning `replicated_only(...)` to run the op replicated") from exc
-    if f.linear and any(np.dtype(getattr(a, "dtype", np.float32)) == np.bool_ for a in out_avals):
-        f = dataclasses.replace(f, linear=())  # booleans are never partial sums
+    if f.linear and not all(_summable(getattr(a, "dtype", np.float32)) for a in out_avals):
+        f = dataclasses.replace(f, linear=())  # booleans and PRNG keys are never partial sums
     return f
 
 
