@@ -15,6 +15,7 @@ from tag_jax.plan import Plan, ShardedFunction
 def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topology=None,
                time_budget_s: float = 7.0, memory_limit: float | None = None, seed: int = 0,
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
+               static_argnums: int | Sequence[int] = (),
                progress: bool = False, compiler_options=None, policy="default",
                compression: str = "lossless", uneven: bool | str = "auto") -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
@@ -30,7 +31,8 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     (`.plan(*args)`, abstract arguments are fine). The search is seeded (`seed`), but its budget is
     wall-clock time, so a busier machine may stop it at another point and return another plan;
     `plan.save(path)` and `tag_jax.Plan.load(path, fn, *args)` reuse one plan exactly.
-    `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
+    `static_argnums` and `donate_argnums` work as `jax.jit`'s (one plan per value of the static
+    arguments). `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
     for the shipped weights (none if the package has none), None to search unguided, a
     `tag_jax.policy.Policy` or a weights path. With `time_budget_s=0` the policy's plan is used alone.
     `compression`: "lossless" (default) lets `tag_jax.search.compression` choose per gradient among
@@ -119,9 +121,13 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         object.__setattr__(plan, "search", result)  # how the plan was found, for summaries
         return plan
 
-    spmd = ShardedFunction(fn, planner, donate_argnums=donate_argnums, compiler_options=compiler_options)
+    spmd = ShardedFunction(fn, planner, donate_argnums=donate_argnums, static_argnums=static_argnums,
+                           compiler_options=compiler_options)
     if not use_uneven:
         return spmd
+    if static_argnums not in ((), None):
+        raise ValueError(f"auto_shard(static_argnums={static_argnums!r}): an UnevenStep takes (state, "
+                         "batch) only; bind static values in its loss function, or pass uneven=False")
     from tag_jax.uneven.auto import UnevenFunction
 
     return UnevenFunction(fn, spmd, topo, device_ids, mode=uneven, memory_limit=memory_limit,

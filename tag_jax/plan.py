@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import types
@@ -405,32 +406,88 @@ class ShardedFunction:
     program) or not (they are copied to the plan's layout, the copy is donated and the originals
     are deleted once the copies are made, so the step never holds both). NumPy arrays and Python
     scalars are left alone, and so is an array that is also passed in a non-donated argument.
+
+    `static_argnums` works as `jax.jit`'s too: those arguments are hashable Python values the
+    function is traced with, not arrays; each distinct value gets its own plan and program (the
+    plan, its arguments and its shardings cover the other arguments only). Saved plans of such a
+    function load against it with the static values bound, e.g.
+    `Plan.load(path, functools.partial(fn, train=True), *arrays)`.
     """
 
     def __init__(self, fn: Callable, planner: Callable[[OpGraph], Plan], *,
-                 donate_argnums: int | Sequence[int] = (),
+                 donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
                  compiler_options: Mapping[str, Any] | None = None, name: str | None = None):
         self.fn = fn
         self.planner = planner
         self.donate_argnums = donate_argnums
+        self.static_argnums = static_argnums
         self.compiler_options = compiler_options
         self.__name__ = name or getattr(fn, "__name__", "fn")
         self.__wrapped__ = fn
         self._plans: dict[tuple, Plan] = {}
         self._programs: dict[tuple, Callable] = {}
+        self._bound: dict[tuple, ShardedFunction] = {}  # per static values: fn with them bound
+
+    def _split(self, args: tuple) -> tuple["ShardedFunction", tuple]:
+        """The function to plan for these arguments (`fn` with its static arguments bound) and
+        the arguments it takes (the others)."""
+        if self.static_argnums == () or self.static_argnums is None:
+            return self, args
+        static = _argnums(self.static_argnums, len(args))
+        bad = sorted(k for k in static if not 0 <= k < len(args))
+        if bad:
+            raise ValueError(f"{self.__name__}: static_argnums {bad} out of range for a call with "
+                             f"{len(args)} positional argument(s)")
+        values = tuple((k, args[k]) for k in sorted(static))
+        try:
+            hash(values)
+        except TypeError:
+            k, v = next((k, v) for k, v in values if not _hashable(v))
+            raise TypeError(f"{self.__name__}: static argument {k} is a {type(v).__name__}, which is "
+                            f"not hashable; static arguments must be hashable Python values (pass "
+                            f"arrays as ordinary arguments)") from None
+        dynamic = tuple(a for k, a in enumerate(args) if k not in static)
+        bound = self._bound.get(values)
+        if bound is None:
+            fn, n, fixed = self.fn, len(args), dict(values)
+
+            def with_static(*rest):
+                it = iter(rest)
+                return fn(*(fixed[k] if k in fixed else next(it) for k in range(n)))
+
+            kept = [k for k in range(n) if k not in static]  # old position -> new position
+            try:  # the other arguments keep their names (the plan's argument paths)
+                params = list(inspect.signature(fn).parameters.values())
+                with_static.__signature__ = inspect.Signature(
+                    [params[k] for k in kept if k < len(params)
+                     and params[k].kind in (params[k].POSITIONAL_ONLY, params[k].POSITIONAL_OR_KEYWORD)])
+            except (TypeError, ValueError):
+                pass
+            donated = sorted(kept.index(k) for k in _argnums(self.donate_argnums, n) if k in kept)
+            bound = ShardedFunction(with_static, self.planner, donate_argnums=tuple(donated),
+                                    compiler_options=self.compiler_options, name=self.__name__)
+            self._bound[values] = bound
+        return bound, dynamic
 
     def trace(self, *args: Any) -> OpGraph:
         from tag_jax.hlo.trace import trace
 
-        return trace(self.fn, *abstract(args), name=self.__name__)
+        inner, args = self._split(args)
+        return trace(inner.fn, *abstract(args), name=self.__name__)
 
     def plan(self, *args: Any) -> Plan:
+        inner, args = self._split(args)
+        if inner is not self:
+            return inner.plan(*args)
         key = signature(args)
         if key not in self._plans:
             self._plans[key] = self.planner(self.trace(*args))
         return self._plans[key]
 
     def program(self, *args: Any) -> Callable:
+        inner, args = self._split(args)
+        if inner is not self:
+            return inner.program(*args)
         key = signature(args)
         if key not in self._programs:
             self._programs[key] = self.plan(*args).jit(donate_argnums=self.donate_argnums,
@@ -438,9 +495,13 @@ class ShardedFunction:
         return self._programs[key]
 
     def lower(self, *args: Any) -> Any:
-        return self.program(*args).lower(*args)
+        inner, args = self._split(args)
+        return inner.program(*args).lower(*args)
 
     def __call__(self, *args: Any) -> Any:
+        inner, args = self._split(args)
+        if inner is not self:
+            return inner(*args)
         program = self.program(*args)
         plan = self.plan(*args)
         donated = _argnums(self.donate_argnums, len(args))
@@ -457,10 +518,19 @@ class ShardedFunction:
         return program(*placed)
 
     def __repr__(self) -> str:
-        return f"ShardedFunction({self.__name__}, {len(self._plans)} plan(s))"
+        n = len(self._plans) + sum(len(b._plans) for b in self._bound.values())
+        return f"ShardedFunction({self.__name__}, {n} plan(s))"
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
 
 def _argnums(argnums: int | Sequence[int], n: int) -> set[int]:
     """`donate_argnums` as a set of non-negative positions among `n` arguments."""

@@ -174,3 +174,33 @@ def test_slow_devices_are_left_out_where_one_program_would_wait_for_them():
     want = jax.jit(ex.step)(state, batch)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _scaled_sgd(state, batch, lr, train):
+    """An SGD step whose learning rate and mode are static Python values."""
+    def loss(w):
+        return ((batch["x"] @ w - batch["y"]) ** 2).mean()
+
+    value, grad = jax.value_and_grad(loss)(state)
+    return (state - lr * grad if train else state), value
+
+
+def test_static_argnums_plan_per_value_and_equal_the_unsharded_step():
+    state = jax.random.normal(jax.random.key(0), (16, 4))
+    batch = {"x": jax.random.normal(jax.random.key(1), (32, 16)),
+             "y": jax.random.normal(jax.random.key(2), (32, 4))}
+    step = tag_jax.auto_shard(_scaled_sgd, _mesh(), topology=TOPO, time_budget_s=0.5,
+                              static_argnums=(2, 3), policy=None)
+    for lr, train in ((0.1, True), (0.5, True), (0.1, False)):
+        got = step(state, batch, lr, train)
+        want = jax.jit(_scaled_sgd, static_argnums=(2, 3))(state, batch, lr, train)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # one plan per static value; the plan's arguments are the arrays only
+    assert repr(step) == "ShardedFunction(_scaled_sgd, 3 plan(s))"
+    assert [a.path for a in step.plan(state, batch, 0.1, True).arguments][0] == "state"
+    assert step.lower(state, batch, 0.1, True).compile() is not None
+    with pytest.raises(TypeError, match="static argument 2 is a list, which is not hashable"):
+        step(state, batch, [0.1], True)
+    with pytest.raises(ValueError, match=r"static_argnums \[3\] out of range for a call with 3"):
+        step(state, batch, 0.1)

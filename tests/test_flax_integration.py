@@ -170,3 +170,65 @@ def test_scan_remat_dropout_with_a_typed_key_equals_the_unsharded_step():
     np.testing.assert_array_equal(jax.random.key_data(got.pop("rng")),
                                   jax.random.key_data(want.pop("rng")))
     _assert_trees_close((got, got_loss), (want, want_loss))
+
+
+class DropoutNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(32, 64, rngs=rngs)
+        self.drop = nnx.Dropout(0.25, rngs=rngs)
+        self.fc2 = nnx.Linear(64, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(nnx.relu(self.fc1(x))))
+
+
+def nnx_dropout_step(graphdef, state, batch):
+    """The whole nnx state travels, its Rngs stream too (a scalar count and a typed key, which
+    the step advances)."""
+    model = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads))
+    return nnx.state(model), loss
+
+
+def test_nnx_state_with_an_rng_stream_equals_the_unsharded_step():
+    graphdef, state = nnx.split(DropoutNet(nnx.Rngs(0, dropout=1)))
+    batch = _batch()
+    step = tag_jax.auto_shard(nnx_dropout_step, _mesh(), topology=TOPO, time_budget_s=1.0,
+                              static_argnums=0)
+    got = step(graphdef, state, batch)
+    want = jax.jit(nnx_dropout_step, static_argnums=0)(graphdef, state, batch)
+
+    def plain(tree):  # key data for the typed keys, so that values compare
+        return jax.tree_util.tree_map(
+            lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
+            else x, tree)
+
+    _assert_trees_close(plain(got), plain(want))
+    roles = {a.path: a.role for a in step.plan(graphdef, state, batch).arguments}
+    # roles from the NNX variable types, though the argument is not named `params`
+    assert roles["state/fc1/kernel/value"] == "parameter"
+    assert roles["state/drop/rngs/count/value"] == roles["state/drop/rngs/key/value"] == "state"
+
+
+def test_nnx_optimizer_state_is_optimizer_state_by_its_variable_type():
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        grads = nnx.grad(lambda m: ((m(batch["x"]) - 1.0) ** 2).mean())(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer))
+
+    graph = tag_jax.trace(step, state, _batch())
+    roles = {graph.tensors[t].path: graph.tensors[t].role.value for t in graph.inputs}
+    assert roles["state/0/fc1/kernel/value"] == "parameter"
+    assert roles["state/1/opt_state/0/mu/fc1/kernel/value"] == "optimizer_state"
+    assert roles["batch/x"] == "batch"

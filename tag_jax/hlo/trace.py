@@ -75,14 +75,18 @@ def trace(fn: Callable, *args: Any, static_argnums: Sequence[int] | int = (),
         raise TraceError(f"{name}: {len(flat_in)} array arguments but the jaxpr has "
                          f"{len(closed.jaxpr.invars)} inputs; pass non-array arguments via static_argnums")
     in_paths = [_input_path(kp, dyn_names) for kp, _ in flat_in]
+    hints = _variable_roles((dyn, kwargs))
     flat_out, out_tree = jax.tree_util.tree_flatten_with_path(out_shape)
     out_paths = ["out" + ("/" + _keystr(kp) if kp else "") for kp, _ in flat_out]
 
     b = _Builder()
     env: dict[Any, int] = {}
     inputs = []
-    for var, path in zip(closed.jaxpr.invars, in_paths):
-        tid = b.new_tensor(var.aval, _guess_role(path, roles or {}), path=path)
+    for var, path, hint in zip(closed.jaxpr.invars, in_paths, hints):
+        role = _guess_role(path, roles or {}, hint)
+        if role == Role.BATCH and not getattr(var.aval, "shape", ()):
+            role = Role.STATE  # a scalar has no batch dimension (a step counter, an RNG key)
+        tid = b.new_tensor(var.aval, role, path=path)
         env[var] = tid
         inputs.append(tid)
     for var, value in zip(closed.jaxpr.constvars, closed.consts):
@@ -260,7 +264,28 @@ def _result_role(scope: str, in_roles: list[Role]) -> Role:
     return Role.ACTIVATION
 
 
-def _guess_role(path: str, roles: Mapping[str, str | Role]) -> Role:
+def _variable_roles(tree: Any) -> list[Role | None]:
+    """Per array leaf of `tree`, the role its Flax NNX variable type gives it (`nnx.Param`:
+    parameter; `nnx.OptState` and its kinds, `nnx.Optimizer`'s: optimizer state; any other
+    variable, e.g. batch statistics or an RNG stream: state), None outside NNX variables. The
+    type says what a leaf is whatever the user named the argument holding it."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return [None] * len(jax.tree_util.tree_leaves(tree))
+    opt_state = getattr(nnx, "OptState", ())
+    out: list[Role | None] = []
+    for node in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        if not isinstance(node, nnx.Variable):
+            out.append(None)
+            continue
+        role = (Role.PARAMETER if isinstance(node, nnx.Param) else
+                Role.OPTIMIZER_STATE if opt_state and isinstance(node, opt_state) else Role.STATE)
+        out.extend([role] * len(jax.tree_util.tree_leaves(node)))
+    return out
+
+
+def _guess_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = None) -> Role:
     best = None
     for prefix, role in roles.items():  # the longest matching prefix wins
         if (path == prefix or path.startswith(prefix.rstrip("/") + "/")) and (
@@ -268,6 +293,8 @@ def _guess_role(path: str, roles: Mapping[str, str | Role]) -> Role:
             best = (prefix, Role(role))
     if best:
         return best[1]
+    if hint is not None:
+        return hint
     words = path.split("/")
     if "opt_state" in words:
         return Role.OPTIMIZER_STATE

@@ -126,12 +126,13 @@ def _options(shape: Sequence[int], mesh: MeshSpec) -> tuple[Option, ...]:
 
 def batch_options(graph: OpGraph, mesh: MeshSpec) -> tuple[tuple[str, ...], ...]:
     """Axis sets that may split dimension 0 of every batch input (the batch dimension)."""
-    batch = [graph.tensors[i] for i in graph.inputs if graph.tensors[i].role == Role.BATCH]
+    batch = [graph.tensors[i] for i in graph.inputs
+             if graph.tensors[i].role == Role.BATCH and graph.tensors[i].shape]
     axes = mesh.axes
     names = mesh.axis_names
     sets = [()] + [(a,) for a in names] + ([tuple(names)] if len(names) > 1 else [])
     return tuple(s for s in sets
-                 if all(t.shape and t.shape[0] % math.prod(axes[a] for a in s) == 0 for t in batch))
+                 if all(t.shape[0] % math.prod(axes[a] for a in s) == 0 for t in batch))
 
 
 def decision_shardings(graph: OpGraph, groups: Sequence[Group], batch_sets, decision
