@@ -469,14 +469,32 @@ class ShardedFunction:
             self._bound[values] = bound
         return bound, dynamic
 
-    def trace(self, *args: Any) -> OpGraph:
+    def _positional(self, args: tuple, kwargs: dict) -> tuple:
+        """Keyword arguments as the positions `fn`'s signature gives them (plans, shardings and
+        static/donate argnums count positions, as jax.jit's do)."""
+        if not kwargs:
+            return args
+        try:
+            sig = inspect.signature(self.fn)
+            bound = sig.bind(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{self.__name__}: cannot bind keyword argument(s) {sorted(kwargs)}: {exc}; "
+                            f"pass them positionally") from None
+        if bound.kwargs:  # one skipped before it: the skipped ones take their defaults
+            bound.apply_defaults()
+        if bound.kwargs:
+            raise TypeError(f"{self.__name__}: keyword-only argument(s) {sorted(bound.kwargs)} are not "
+                            f"supported; make them positional, or bind them with functools.partial")
+        return tuple(bound.args)
+
+    def trace(self, *args: Any, **kwargs: Any) -> OpGraph:
         from tag_jax.hlo.trace import trace
 
-        inner, args = self._split(args)
+        inner, args = self._split(self._positional(args, kwargs))
         return trace(inner.fn, *abstract(args), name=self.__name__)
 
-    def plan(self, *args: Any) -> Plan:
-        inner, args = self._split(args)
+    def plan(self, *args: Any, **kwargs: Any) -> Plan:
+        inner, args = self._split(self._positional(args, kwargs))
         if inner is not self:
             return inner.plan(*args)
         key = signature(args)
@@ -484,8 +502,8 @@ class ShardedFunction:
             self._plans[key] = self.planner(self.trace(*args))
         return self._plans[key]
 
-    def program(self, *args: Any) -> Callable:
-        inner, args = self._split(args)
+    def program(self, *args: Any, **kwargs: Any) -> Callable:
+        inner, args = self._split(self._positional(args, kwargs))
         if inner is not self:
             return inner.program(*args)
         key = signature(args)
@@ -494,12 +512,12 @@ class ShardedFunction:
                                                        compiler_options=self.compiler_options)
         return self._programs[key]
 
-    def lower(self, *args: Any) -> Any:
-        inner, args = self._split(args)
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        inner, args = self._split(self._positional(args, kwargs))
         return inner.program(*args).lower(*args)
 
-    def __call__(self, *args: Any) -> Any:
-        inner, args = self._split(args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inner, args = self._split(self._positional(args, kwargs))
         if inner is not self:
             return inner(*args)
         program = self.program(*args)

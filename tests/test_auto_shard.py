@@ -204,3 +204,9 @@ def test_static_argnums_plan_per_value_and_equal_the_unsharded_step():
         step(state, batch, [0.1], True)
     with pytest.raises(ValueError, match=r"static_argnums \[3\] out of range for a call with 3"):
         step(state, batch, 0.1)
+    # keywords bind to their positions, as jax.jit's do: the same plan and result
+    by_name = step(state, batch=batch, train=True, lr=0.1)
+    np.testing.assert_array_equal(np.asarray(by_name[0]), np.asarray(step(state, batch, 0.1, True)[0]))
+    assert repr(step) == "ShardedFunction(_scaled_sgd, 3 plan(s))"
+    with pytest.raises(TypeError, match="cannot bind keyword argument"):
+        step(state, batch, 0.1, True, momentum=0.9)
