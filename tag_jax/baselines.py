@@ -72,11 +72,20 @@ def _largest_dim(shape: tuple[int, ...], axes: Sequence[str],
     return _split_dim(len(shape), dim, axes)
 
 
-def megatron_dim(path: str, shape: tuple[int, ...]) -> int | None:
-    """Which dimension of a parameter Megatron-LM splits over `model` (None: replicated)."""
+def _param_parts(path: str) -> list[str]:
+    """A parameter's path from below `params/`, without the trailing `value` of a Flax NNX
+    variable (`state/fc1/kernel/value`: its array is the variable's `value`)."""
     parts = path.split("/")
     if "params" in parts:
         parts = parts[parts.index("params") + 1:]
+    if len(parts) > 1 and parts[-1] == "value":
+        parts = parts[:-1]
+    return parts
+
+
+def megatron_dim(path: str, shape: tuple[int, ...]) -> int | None:
+    """Which dimension of a parameter Megatron-LM splits over `model` (None: replicated)."""
+    parts = _param_parts(path)
     leaf = parts[-1] if parts else ""
     if not shape:
         return None
@@ -95,23 +104,29 @@ def megatron_dim(path: str, shape: tuple[int, ...]) -> int | None:
 def _follow_params(graph: OpGraph, shardings: dict[int, TensorSharding]) -> None:
     """Give each optimizer-state tensor the sharding of the parameter whose path (after `params/`)
     ends its own path and whose shape it has; replicate the rest."""
-    params = {}
+    # every ending of every parameter's path (an NNX model's `0/fc1/kernel` must meet its
+    # optimizer's `opt_state/0/mu/fc1/kernel`): the longest ending shared with one parameter of
+    # the same shape is the match
+    endings: dict[tuple, set[int]] = {}
     for tid in graph.inputs:
         t = graph.tensors[tid]
         if t.role == Role.PARAMETER and t.path:
-            parts = t.path.split("/")
-            tail = tuple(parts[parts.index("params") + 1:] if "params" in parts else parts[1:])
-            params[tail] = tid
+            parts = tuple(_param_parts(t.path) if "params" in t.path.split("/")
+                          else _param_parts(t.path)[1:])
+            for n in range(1, len(parts) + 1):
+                endings.setdefault(parts[-n:], set()).add(tid)
     for tid in graph.inputs:
         t = graph.tensors[tid]
         if t.role != Role.OPTIMIZER_STATE:
             continue
-        parts = tuple((t.path or "").split("/"))
+        parts = tuple(_param_parts(t.path or ""))
         match = None
         for n in range(len(parts), 0, -1):
-            p = params.get(parts[-n:])
-            if p is not None and graph.tensors[p].shape == t.shape:
-                match = p
+            same = [p for p in endings.get(parts[-n:], ()) if graph.tensors[p].shape == t.shape]
+            if len(same) == 1:
+                match = same[0]
+                break
+            if same:  # several parameters end so: a longer ending did not tell them apart
                 break
         shardings[tid] = shardings[match] if match is not None else TensorSharding.replicated(len(t.shape))
 

@@ -300,6 +300,43 @@ def test_megatron_dim_by_path():
     assert md("state/params/position_embeddings/embedding", (16, 32)) is None
     assert md("state/params/table_3", (128, 16)) == 0
     assert md("state/params/encoder/rel_bias/embedding", (8, 4)) is None
+    # Flax NNX paths end in the variable's `value`, which is not the attention value projection
+    assert md("state/blocks/0/fc1/kernel/value", (32, 64)) == 1
+    assert md("state/blocks/0/fc1/bias/value", (64,)) == 0
+    assert md("state/blocks/0/fc2/kernel/value", (64, 32)) == 0
+    assert md("state/blocks/0/norm/scale/value", (32,)) is None
+    assert md("state/attn/value/kernel/value", (32, 32)) == 1
+
+
+def test_fsdp_shards_an_nnx_optimizer_state_like_its_parameter():
+    from flax import nnx
+    import optax
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(16, 64, rngs=rngs)
+            self.fc2 = nnx.Linear(64, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(nnx.relu(self.fc1(x)))
+
+    model = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)))
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        optimizer.update(model, nnx.grad(lambda m: (m(batch["x"]) ** 2).mean())(model))
+        return nnx.state((model, optimizer))
+
+    graph = tag_jax.trace(step, state, {"x": jax.ShapeDtypeStruct((32, 16), np.float32)})
+    mesh = MeshSpec((8,), ("d",), tuple(range(8)))
+    ins = baselines.input_shardings("fsdp", graph, mesh)
+    by_path = {graph.tensors[t].path: s for t, s in zip(graph.inputs, ins)}
+    kernel = by_path["state/0/fc1/kernel/value"]
+    assert kernel.axes  # sharded, and Adam's moments of it the same way
+    assert by_path["state/1/opt_state/0/mu/fc1/kernel/value"] == kernel
+    assert by_path["state/1/opt_state/0/nu/fc1/kernel/value"] == kernel
+    assert by_path["state/1/opt_state/0/nu/fc2/kernel/value"] == by_path["state/0/fc2/kernel/value"]
 
 
 # ---- plans ------------------------------------------------------------------------------------------
