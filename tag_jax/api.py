@@ -15,7 +15,7 @@ from tag_jax.plan import Plan, ShardedFunction
 def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topology=None,
                time_budget_s: float = 7.0, memory_limit: float | None = None, seed: int = 0,
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
-               static_argnums: int | Sequence[int] = (),
+               static_argnums: int | Sequence[int] = (), roles=None,
                progress: bool = False, compiler_options=None, policy="default",
                compression: str = "lossless", uneven: bool | str = "auto") -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
@@ -32,7 +32,9 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     wall-clock time, so a busier machine may stop it at another point and return another plan;
     `plan.save(path)` and `tag_jax.Plan.load(path, fn, *args)` reuse one plan exactly.
     `static_argnums` and `donate_argnums` work as `jax.jit`'s (one plan per value of the static
-    arguments). `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
+    arguments). `roles` maps argument paths or their prefixes (``"state/ema"``) to a role
+    (`tag_jax.hlo.graph.Role` or its value: "parameter", "optimizer_state", "state", "batch"),
+    overriding the guess from paths and Flax NNX variable types. `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
     for the shipped weights (none if the package has none), None to search unguided, a
     `tag_jax.policy.Policy` or a weights path. With `time_budget_s=0` the policy's plan is used alone.
     `compression`: "lossless" (default) lets `tag_jax.search.compression` choose per gradient among
@@ -122,7 +124,7 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         return plan
 
     spmd = ShardedFunction(fn, planner, donate_argnums=donate_argnums, static_argnums=static_argnums,
-                           compiler_options=compiler_options)
+                           compiler_options=compiler_options, roles=roles)
     if not use_uneven:
         return spmd
     if static_argnums not in ((), None):

@@ -416,8 +416,10 @@ class ShardedFunction:
 
     def __init__(self, fn: Callable, planner: Callable[[OpGraph], Plan], *,
                  donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
-                 compiler_options: Mapping[str, Any] | None = None, name: str | None = None):
+                 compiler_options: Mapping[str, Any] | None = None, name: str | None = None,
+                 roles: Mapping[str, Any] | None = None):
         self.fn = fn
+        self.roles = roles
         self.planner = planner
         self.donate_argnums = donate_argnums
         self.static_argnums = static_argnums
@@ -465,7 +467,8 @@ class ShardedFunction:
                 pass
             donated = sorted(kept.index(k) for k in _argnums(self.donate_argnums, n) if k in kept)
             bound = ShardedFunction(with_static, self.planner, donate_argnums=tuple(donated),
-                                    compiler_options=self.compiler_options, name=self.__name__)
+                                    compiler_options=self.compiler_options, name=self.__name__,
+                                    roles=self.roles)
             self._bound[values] = bound
         return bound, dynamic
 
@@ -491,7 +494,7 @@ class ShardedFunction:
         from tag_jax.hlo.trace import trace
 
         inner, args = self._split(self._positional(args, kwargs))
-        return trace(inner.fn, *abstract(args), name=self.__name__)
+        return trace(inner.fn, *abstract(args), name=self.__name__, roles=self.roles)
 
     def plan(self, *args: Any, **kwargs: Any) -> Plan:
         inner, args = self._split(self._positional(args, kwargs))

@@ -210,3 +210,15 @@ def test_static_argnums_plan_per_value_and_equal_the_unsharded_step():
     assert repr(step) == "ShardedFunction(_scaled_sgd, 3 plan(s))"
     with pytest.raises(TypeError, match="cannot bind keyword argument"):
         step(state, batch, 0.1, True, momentum=0.9)
+
+
+def test_roles_override_the_guess_from_paths():
+    state = jax.ShapeDtypeStruct((16, 4), np.float32)
+    batch = {"x": jax.ShapeDtypeStruct((32, 16), np.float32),
+             "y": jax.ShapeDtypeStruct((32, 4), np.float32)}
+    guessed = tag_jax.auto_shard(_scaled_sgd, _mesh(), topology=TOPO, time_budget_s=0.2,
+                                 static_argnums=(2, 3), policy=None)
+    told = tag_jax.auto_shard(_scaled_sgd, _mesh(), topology=TOPO, time_budget_s=0.2,
+                              static_argnums=(2, 3), policy=None, roles={"state": "parameter"})
+    role = lambda f: {a.path: a.role for a in f.plan(state, batch, 0.1, True).arguments}["state"]
+    assert (role(guessed), role(told)) == ("state", "parameter")
