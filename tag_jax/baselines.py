@@ -29,8 +29,13 @@ from tag_jax.hlo.graph import OpGraph, Role
 from tag_jax.plan import Plan, ShardedFunction
 from tag_jax.strategy import MeshSpec, Strategy, TensorSharding
 
-MEGATRON_COLUMN = frozenset({"c_attn", "c_fc", "query", "key", "value", "wi", "fc1", "intermediate"})
-MEGATRON_ROW = frozenset({"c_proj", "out", "wo", "fc2", "output"})
+# Layer names, as the zoo (GPT-2, BERT, T5) and the common checkpoints name them: Hugging Face's
+# Llama/Mistral (q_proj ... down_proj), Meta's Llama (wq ... w3), GPT-NeoX (query_key_value)
+MEGATRON_COLUMN = frozenset({"c_attn", "c_fc", "query", "key", "value", "wi", "fc1", "intermediate",
+                             "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk", "wv",
+                             "w1", "w3", "query_key_value", "dense_h_to_4h"})
+MEGATRON_ROW = frozenset({"c_proj", "out", "wo", "fc2", "output", "o_proj", "down_proj", "w2",
+                          "dense_4h_to_h"})
 _NOT_VOCAB = ("pos", "wpe", "type", "rel")  # position / token-type / relative-bias tables stay replicated
 
 BASELINES = ("data_parallel", "fsdp", "megatron")

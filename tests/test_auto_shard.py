@@ -63,9 +63,20 @@ def test_memory_limit_that_nothing_fits_names_the_largest_tensor():
     graph = step.trace(ex.state, ex.batch)
     largest = max((graph.tensors[t] for t in graph.inputs), key=lambda t: t.nbytes)
     with pytest.raises(PlanningError, match=r"no plan fits the memory limit of 1000 B per device: "
-                                            r"the best reached .*KiB \(largest tensor ") as err:
+                                            r"the best reached .*KiB \(.*: arguments .* per device, "
+                                            r"activations and temporaries .*; largest tensor ") as err:
         step.plan(ex.state, ex.batch)
     assert largest.path in str(err.value)
+    # the split is the best plan's own: its arguments' shards plus the rest make its peak
+    text = str(err.value)
+    assert ("rematerialise layers" in text) == (_bytes_in(text, "temporaries ") > _bytes_in(text, "arguments "))
+
+
+def _bytes_in(text: str, after: str) -> float:
+    """The size that follows `after` in a message (`_bytes` format: 1.50 KiB, 12 B)."""
+    number, unit = text.split(after, 1)[1].split()[:2]
+    unit = unit.rstrip(";,)")
+    return float(number) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
 
 
 def test_empty_device_list_is_refused():

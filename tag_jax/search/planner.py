@@ -248,11 +248,19 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
         from tag_jax.plan import _bytes
 
         largest = max((graph.tensors[t] for t in graph.inputs), key=lambda t: t.nbytes)
-        least = min(s[2].peak_memory_bytes for s in scored)
+        low = min(scored, key=lambda s: s[2].peak_memory_bytes)
+        least, axes = low[2].peak_memory_bytes, low[3].mesh.axes
+        # what that plan's peak holds: the arguments' shards (state, batch) and the rest
+        # (activations kept for the backward pass, temporaries)
+        held = sum(math.prod(ts.local_shape(graph.tensors[t].shape, axes)) * graph.tensors[t].dtype.itemsize
+                   for t, ts in zip(graph.inputs, low[3].input_shardings))
+        hint = ("most of it is activations and temporaries: rematerialise layers (jax.checkpoint, "
+                "flax nn.remat), use " if least - held > held else "use ")
         raise PlanningError(
             f"no plan fits the memory limit of {_bytes(limit_of(meshes[0]))} per device: the best reached "
-            f"{_bytes(least)} (largest tensor {largest.describe()}, {_bytes(largest.nbytes)}); "
-            "use more devices, a smaller batch, or a larger memory_limit")
+            f"{_bytes(least)} ({low[1]}: arguments {_bytes(held)} per device, activations and "
+            f"temporaries {_bytes(max(0, least - held))}; largest tensor {largest.describe()}, "
+            f"{_bytes(largest.nbytes)}); {hint}more devices, a smaller batch, or a larger memory_limit")
     best_strategy = dataclasses.replace(best_strategy, name=f"tag_jax ({best_name})")
     return SearchResult(strategy=best_strategy, cost=best_cost, evaluations=evaluations,
                         seconds=time.perf_counter() - t0, seeds=seeds, decisions=decisions,
