@@ -240,3 +240,29 @@ def test_convolution_flops_match_xla_including_strided_gradients():
     conv_flops = sum(op.flops for op in convs)
     assert abs(graph.flops - xla) / xla < 0.05
     assert conv_flops / graph.flops > 0.8
+
+
+def test_roles_from_dataflow_when_no_name_says():
+    """`carry = (params, opt_state, ema)` and arrays `x`, `y`: nothing in the paths names a role,
+    so the step's dataflow decides: updated from the backward pass and read forward -> parameter;
+    updated from it but not read forward -> optimizer state; carried otherwise -> state; the rest
+    batch."""
+    tx = optax.adam(1e-3)
+    w = {"w1": jnp.ones((16, 32)), "w2": jnp.ones((32, 4))}
+
+    def step(carry, x, y):
+        p, o, ema = carry
+        loss, g = jax.value_and_grad(lambda p: ((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2).mean())(p)
+        u, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, u), o, 0.9 * ema + 0.1 * x.mean(0)), loss
+
+    args = ((w, tx.init(w), jnp.zeros(16)), jnp.ones((8, 16)), jnp.ones((8, 4)))
+    g = trace(step, *args)
+    roles = {g.tensors[t].path: g.tensors[t].role for t in g.inputs}
+    assert roles["carry/0/w1"] == roles["carry/0/w2"] == Role.PARAMETER
+    assert roles["carry/1/0/mu/w1"] == roles["carry/1/0/nu/w2"] == Role.OPTIMIZER_STATE
+    assert roles["carry/1/0/count"] == roles["carry/2"] == Role.STATE
+    assert roles["x"] == roles["y"] == Role.BATCH
+    # a name still wins over the dataflow
+    g = trace(step, *args, roles={"carry/0": "state"})
+    assert {g.tensors[t].path: g.tensors[t].role for t in g.inputs}["carry/0/w1"] == Role.STATE

@@ -82,8 +82,12 @@ def trace(fn: Callable, *args: Any, static_argnums: Sequence[int] | int = (),
     b = _Builder()
     env: dict[Any, int] = {}
     inputs = []
+    unsure = []  # inputs whose role only the fallback gave (no name, type or override said)
     for var, path, hint in zip(closed.jaxpr.invars, in_paths, hints):
-        role = _guess_role(path, roles or {}, hint)
+        role = _known_role(path, roles or {}, hint)
+        if role is None and getattr(var.aval, "shape", ()):
+            unsure.append(len(b.tensors))
+        role = role or _fallback_role(path)
         if role == Role.BATCH and not getattr(var.aval, "shape", ()):
             role = Role.STATE  # a scalar has no batch dimension (a step counter, an RNG key)
         tid = b.new_tensor(var.aval, role, path=path)
@@ -96,6 +100,7 @@ def trace(fn: Callable, *args: Any, static_argnums: Sequence[int] | int = (),
     for tid, path in zip(outputs, out_paths):
         if b.tensors[tid]["producer"] is not None and b.tensors[tid]["path"] is None:
             b.tensors[tid].update(role=Role.OUTPUT, path=path)
+    _roles_from_dataflow(b, unsure, outputs, out_paths)
     _, in_treedef = jax.tree_util.tree_flatten((dyn, kwargs))
     return b.freeze(inputs, outputs, in_treedef, jax.tree_util.tree_structure(out_shape), name)
 
@@ -285,7 +290,9 @@ def _variable_roles(tree: Any) -> list[Role | None]:
     return out
 
 
-def _guess_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = None) -> Role:
+def _known_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = None) -> Role | None:
+    """The role the user's override, a Flax NNX variable type (`hint`) or the path's words give;
+    None when none of them says."""
     best = None
     for prefix, role in roles.items():  # the longest matching prefix wins
         if (path == prefix or path.startswith(prefix.rstrip("/") + "/")) and (
@@ -302,9 +309,60 @@ def _guess_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = 
         return Role.PARAMETER
     if words[0] in _BATCH_WORDS or any(w in _BATCH_WORDS for w in words[:2]):
         return Role.BATCH
-    if words[0] in ("state", "train_state"):
-        return Role.STATE
-    return Role.BATCH
+    return None
+
+
+def _fallback_role(path: str) -> Role:
+    return Role.STATE if path.split("/")[0] in ("state", "train_state") else Role.BATCH
+
+
+def _guess_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = None) -> Role:
+    return _known_role(path, roles, hint) or _fallback_role(path)
+
+
+def _scoped(op: Op, pass_name: str) -> bool:
+    """Whether the op, or an op of its loop/branch bodies, is in the forward ("jvp") or backward
+    ("transpose") pass of a differentiated function, by JAX's name stack."""
+    if pass_name == "transpose":
+        here = "transpose(" in op.scope
+    else:
+        here = "jvp(" in op.scope and "transpose(" not in op.scope
+    return here or any(_scoped(o, pass_name) for g in op.subgraphs for o in g.ops)
+
+
+def _roles_from_dataflow(b: "_Builder", unsure: Sequence[int], outputs: Sequence[int],
+                         out_paths: Sequence[str]) -> None:
+    """Roles of the inputs no name said anything about (`def step(carry, x)` with `carry =
+    (params, opt_state)`), from what the step does with them. An input the step returns updated
+    (a result of its shape and dtype whose path ends with the input's path below its argument)
+    from values of a backward pass is a parameter if the forward pass reads it, else optimizer
+    state (Adam's moments); one it returns otherwise is state (batch-norm statistics, counters);
+    the rest keep the fallback (batch)."""
+    if not unsure:
+        return
+    backward = {k for k, op in enumerate(b.ops) if _scoped(op, "transpose")}
+    if not backward:
+        carried_from_grads = set()
+    else:  # tensors computed from a backward pass (through anything after it)
+        carried_from_grads = set()
+        for k, op in enumerate(b.ops):
+            if k in backward or any(t in carried_from_grads for t in op.inputs):
+                carried_from_grads.update(op.outputs)
+    for tid in unsure:
+        t = b.tensors[tid]
+        tail = tuple(t["path"].split("/")[1:])
+        if not tail:
+            continue
+        hits = [o for o, p in zip(outputs, out_paths)
+                if tuple(p.split("/"))[-len(tail):] == tail and b.tensors[o]["shape"] == t["shape"]
+                and b.tensors[o]["dtype"] == t["dtype"]]
+        if len(hits) != 1:
+            continue
+        if hits[0] in carried_from_grads and t["dtype"].kind == "f":
+            read_forward = any(_scoped(b.ops[c], "jvp") for c in t["consumers"])
+            t["role"] = Role.PARAMETER if read_forward else Role.OPTIMIZER_STATE
+        else:
+            t["role"] = Role.STATE
 
 
 def _argument_names(fn: Callable, n: int) -> list[str]:
