@@ -20,7 +20,7 @@ import time
 import tag_jax
 from tag_jax import models
 from tag_jax.cost.simulate import USABLE_MEMORY
-from tag_jax.search.planner import search
+from tag_jax.search.planner import PlanningError, search
 
 CASES = ("gpt2:small:1x8-a100-nvlink:7,gpt2:medium:1x8-a100-nvlink:7,gpt2:large:1x8-a100-nvlink:7,"
          "gpt2:xl:1x8-a100-nvlink:7,gpt2:small:8x8-a100-ib:45,gpt2:xl:8x8-a100-ib:45,"
@@ -35,7 +35,11 @@ def run(name: str, size: str, preset: str, budget: float) -> dict:
     topo = tag_jax.Topology.preset(preset)
     ids = list(range(topo.num_devices))
     t0 = time.perf_counter()
-    r = search(graph, topo, ids, time_budget_s=budget, memory_fraction=USABLE_MEMORY, progress=True)
+    try:
+        r = search(graph, topo, ids, time_budget_s=budget, memory_fraction=USABLE_MEMORY, progress=True)
+    except PlanningError as exc:  # a finding too: how long it took to say so
+        return dict(case=f"{name}-{size}", preset=preset, devices=topo.num_devices, ops=len(graph.ops),
+                    trace_s=trace_s, plan_s=time.perf_counter() - t0, budget=budget, error=str(exc))
     plan_s = time.perf_counter() - t0
     dp = min((v for k, v in r.seeds.items() if k.startswith("data_parallel")), default=math.nan)
     return dict(case=f"{name}-{size}", preset=preset, devices=topo.num_devices, ops=len(graph.ops),
@@ -63,6 +67,12 @@ def main() -> None:
     print(header, flush=True)
     for name, size, preset, budget in cases:
         r = run(name, size, preset, float(budget))
+        if "error" in r:
+            line = (f"| {r['case']} | {r['preset']} | {r['devices']} | {r['ops']:,} | {r['trace_s']:.1f} | "
+                    f"- | - | {r['plan_s']:.1f} | {r['budget']:g} | {r['error'][:150]}… |" + " |" * 4)
+            lines.append(line)
+            print(line, flush=True)
+            continue
         line = (f"| {r['case']} | {r['preset']} | {r['devices']} | {r['ops']:,} | {r['trace_s']:.1f} | "
                 f"{r['seeded_s']:.1f} | {r['gain_s']:.1f} | {r['plan_s']:.1f} | {r['budget']:g} | "
                 f"{r['evals']:,} | {r['step']:.4f} | {r['dp'] / r['step']:.2f}x | "
