@@ -518,3 +518,32 @@ def test_fast_compile_options_recompute_a_value_bit_identically():
     x = jax.device_put(x, NamedSharding(mesh, P("d")))
     got = np.asarray(jax.jit(max_derivative, compiler_options=FAST)(x))
     assert (got == 1).all(), f"{int((got != 1).sum())} of {got.size} derivatives are not 1"
+
+
+def _dropout_step(state, batch):
+    key, sub = jax.random.split(state["key"])
+
+    def loss(w):
+        h = jax.numpy.tanh(batch["x"] @ w)
+        keep = jax.random.bernoulli(sub, 0.75, h.shape)
+        return (jax.numpy.where(keep, h / 0.75, 0.0) ** 2).mean()
+
+    return {"params": {"w": state["params"]["w"] - 0.1 * jax.grad(loss)(state["params"]["w"])}, "key": key}
+
+
+def test_dropout_bits_are_drawn_where_the_batch_lies():
+    """Partitionable threefry: each device draws only its block of the dropout mask, and the
+    step equals the unsharded one (rules/random.py)."""
+    state = {"params": {"w": jax.random.normal(jax.random.key(0), (16, 32))}, "key": jax.random.key(3)}
+    batch = {"x": jax.random.normal(jax.random.key(1), (64, 16))}
+    dp = baselines.data_parallel(_dropout_step, user_mesh("1d"), topology=tag_jax.Topology.preset("1x8-a100-nvlink"))
+    plan = dp.plan(state, batch)
+    [bits] = [plan.op_strategies[op.id][k] for op, k in zip(plan.graph.ops, plan.strategy.choices)
+              if op.primitive == "random_bits"]
+    assert bits.outputs[0].dims == (("devices",), ())
+    hlo = dp.lower(state, batch).compile().as_text()
+    assert "u32[8,32]" in hlo and "u32[64,32]" not in hlo  # a block per device, never the whole mask
+    got, want = dp(state, batch), jax.jit(_dropout_step)(state, batch)
+    np.testing.assert_allclose(np.asarray(got["params"]["w"]), np.asarray(want["params"]["w"]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(jax.random.key_data(got["key"]), jax.random.key_data(want["key"]))

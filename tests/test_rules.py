@@ -127,6 +127,7 @@ def _synthetic(mesh):
     ids = jax.ShapeDtypeStruct((4, 6), i32)
     img = jax.ShapeDtypeStruct((4, 6, 6, 8), f32)
     w = jax.ShapeDtypeStruct((3, 3, 8, 4), f32)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a typed PRNG key
 
     def conv_loss(a, k):
         y = lax.conv_general_dilated(a, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -156,6 +157,9 @@ def _synthetic(mesh):
                   img, img, mesh=mesh, primitive="select_and_gather_add"),
         _eqn_case(lambda a: lax.reduce_window((a, a), (0.0, 1.0), lambda p, q: (p[0] + q[0], p[1] * q[1]),
                                               (1, 2, 1, 1), (1, 2, 1, 1), "VALID"), img, mesh=mesh),
+        _eqn_case(lambda k: jax.random.bits(k, (4, 8, 6)), key, mesh=mesh, primitive="random_bits"),
+        _eqn_case(lambda k: jax.random.split(k, 4), key, mesh=mesh, primitive="random_split"),
+        _eqn_case(lambda k: jax.random.fold_in(k, 3), key, mesh=mesh, primitive="random_fold_in"),
         _eqn_case(lambda a: lax.bitcast_convert_type(a, jnp.int32), x, mesh=mesh),
         _eqn_case(lambda a: lax.bitcast_convert_type(a, jnp.uint8), x, mesh=mesh),
         _eqn_case(lambda a: lax.broadcasted_iota(i32, (4, 8, 6), 1), x, mesh=mesh),

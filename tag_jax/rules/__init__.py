@@ -17,7 +17,7 @@ Rules describe ops with einsum-like factor labels (`Factors`, see `factors.py`):
 data movement, gather/scatter, convolutions and pooling. Partial sums pass through the linear ops:
 add/sub/add_any (all inputs partial alike), mul (one input partial), div (numerator), neg, copy,
 stop_gradient, float convert_element_type, transpose, reshape, broadcast_in_dim, squeeze, rev, cumsum,
-reduce_sum, scatter-add (operand and updates). Embedding tables split on rows (vocabulary) too: a
+reduce_sum, scatter-add (operand and updates). Random bits from a typed key split freely (`random.py`). Embedding tables split on rows (vocabulary) too: a
 lookup masks the rows a device lacks (partial output), a scatter-add drops updates for other rows
 (out-of-range indices then give zeros instead of jax's fill or clip). scan/while/cond run replicated (their bodies are priced
 through sub-graphs); primitives with no rule run replicated and are listed by `unknown_primitives`.
@@ -25,7 +25,7 @@ through sub-graphs); primitives with no rule run replicated and are listed by `u
 On meshes of three or more usable axes the lists grow as (factors + 1) ** axes (GPT-2 small on 2x2x2:
 up to ~300 per op); on 1-D and 2-D meshes they stay within a few dozen.
 """
-from tag_jax.rules import contractions, control, elementwise, indexing, reductions, shapes  # noqa: F401
+from tag_jax.rules import contractions, control, elementwise, indexing, random, reductions, shapes  # noqa: F401
 from tag_jax.rules.factors import Factors, enumerate_strategies, replicated_only
 from tag_jax.rules.registry import (RuleError, factors, for_graph, mesh_axes_of, register, registered,
                                     rule_for, strategies, unknown_primitives)

@@ -122,7 +122,7 @@ def validate_many(cases: Sequence[Case], mesh: Mesh, seed: int = 0,
     for (ci, s, _, _), outs in zip(runs, run_outs):
         name = refs[ci][0].name
         for k, (got, want) in enumerate(zip(outs, ref_outs[ci])):
-            got, want = np.asarray(got), np.asarray(want)
+            got, want = _numpy(got), _numpy(want)
             for r in range(got.shape[0]):
                 problem = _compare(got[r], want)
                 if problem:
@@ -143,6 +143,11 @@ def _bound(f, i: int) -> int | None:
 
 
 def _random(aval, rng, bound):
+    if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended):  # typed PRNG keys
+        impl = getattr(aval.dtype, "_impl", None)  # (no public accessor from the dtype)
+        words = tuple(impl.key_shape) if impl is not None else (2,)  # threefry: two words
+        data = rng.integers(0, 2**32, size=tuple(aval.shape) + words, dtype=np.uint32)
+        return jax.random.wrap_key_data(data, **({"impl": impl} if impl is not None else {}))
     shape, dtype = tuple(aval.shape), np.dtype(aval.dtype)
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
@@ -151,6 +156,12 @@ def _random(aval, rng, bound):
         return rng.integers(lo, max(hi, lo + 1), size=shape).astype(dtype)
     # dyadic values k/8 in [0.5, 1.5]: sums and products of a few are exact in float32
     return (rng.integers(4, 13, size=shape) / 8.0).astype(dtype)
+
+
+def _numpy(x) -> np.ndarray:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):  # keys compare by their words
+        x = jax.random.key_data(x)
+    return np.asarray(x)
 
 
 def _pieces(x, n: int, rng):
