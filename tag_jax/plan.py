@@ -502,11 +502,43 @@ class ShardedFunction:
     def trace(self, *args: Any, **kwargs: Any) -> OpGraph:
         from tag_jax.hlo.trace import trace
 
-        inner, args = self._split(self._positional(args, kwargs))
+        args = self._positional(args, kwargs)
+        objects = self._objects(args)
+        if objects is not None:
+            return objects[0].trace(*objects[1])
+        inner, args = self._split(args)
         return trace(inner.fn, *abstract(args), name=self.__name__, roles=self.roles)
 
+    def _objects(self, args: tuple) -> tuple["ShardedFunction", tuple, tuple[int, ...]] | None:
+        """Flax NNX objects among the arguments (`tag_jax.nnx_objects`): the planned function of
+        their state, its arguments, and the objects' positions; None without such arguments."""
+        from tag_jax import nnx_objects
+
+        positions = nnx_objects.object_positions(args)
+        if not positions:
+            return None
+        if self.static_argnums not in ((), None):
+            raise ValueError(f"{self.__name__}: static_argnums with Flax NNX objects among the "
+                             f"arguments is not supported; bind the static values with functools.partial")
+        graphdef, state, others = nnx_objects.split(args, positions)
+        key = (graphdef, positions, len(args))
+        pure = self._bound.get(key)
+        if pure is None:
+            donated = tuple(sorted({0} if any(k in positions for k in _argnums(self.donate_argnums, len(args)))
+                                   else set()))
+            pure = ShardedFunction(nnx_objects.pure_step(self.fn, graphdef, positions, len(args)),
+                                   self.planner, donate_argnums=donated,
+                                   compiler_options=self.compiler_options, name=self.__name__,
+                                   roles=self.roles)
+            self._bound[key] = pure
+        return pure, (state,) + others, positions
+
     def plan(self, *args: Any, **kwargs: Any) -> Plan:
-        inner, args = self._split(self._positional(args, kwargs))
+        args = self._positional(args, kwargs)
+        objects = self._objects(args)
+        if objects is not None:
+            return objects[0].plan(*objects[1])
+        inner, args = self._split(args)
         return inner._plan(signature(args), args)
 
     def _plan(self, key: tuple, args: tuple) -> Plan:
@@ -515,7 +547,11 @@ class ShardedFunction:
         return self._plans[key]
 
     def program(self, *args: Any, **kwargs: Any) -> Callable:
-        inner, args = self._split(self._positional(args, kwargs))
+        args = self._positional(args, kwargs)
+        objects = self._objects(args)
+        if objects is not None:
+            return objects[0].program(*objects[1])
+        inner, args = self._split(args)
         return inner._program(signature(args), args)
 
     def _program(self, key: tuple, args: tuple) -> Callable:
@@ -525,11 +561,24 @@ class ShardedFunction:
         return self._programs[key]
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
-        inner, args = self._split(self._positional(args, kwargs))
+        args = self._positional(args, kwargs)
+        objects = self._objects(args)
+        if objects is not None:
+            return objects[0].lower(*objects[1])
+        inner, args = self._split(args)
         return inner.program(*args).lower(*args)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inner, args = self._split(self._positional(args, kwargs))
+        args = self._positional(args, kwargs)
+        objects = self._objects(args)
+        if objects is not None:  # the step's mutations land in the caller's objects
+            from tag_jax.nnx_objects import write_back
+
+            pure, pure_args, positions = objects
+            new_state, out = pure(*pure_args)
+            write_back(args, positions, new_state)
+            return out
+        inner, args = self._split(args)
         if inner is not self:
             return inner(*args)
         key = signature(args)

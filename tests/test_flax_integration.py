@@ -232,3 +232,34 @@ def test_nnx_optimizer_state_is_optimizer_state_by_its_variable_type():
     assert roles["state/0/fc1/kernel/value"] == "parameter"
     assert roles["state/1/opt_state/0/mu/fc1/kernel/value"] == "optimizer_state"
     assert roles["batch/x"] == "batch"
+
+
+def nnx_jit_style_step(model, optimizer, batch):
+    """The step as `nnx.jit` takes it: objects in, mutated in place, the loss out."""
+    def loss_fn(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def test_nnx_objects_are_updated_in_place_as_nnx_jit_does():
+    def make():
+        model = DropoutNet(nnx.Rngs(0, dropout=1))
+        return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    (m1, o1), (m2, o2) = make(), make()
+    batch = _batch()
+    step = tag_jax.auto_shard(nnx_jit_style_step, _mesh(), topology=TOPO, time_budget_s=1.0)
+    reference = nnx.jit(nnx_jit_style_step)
+    for _ in range(2):  # the second step reads what the first wrote back (weights, Adam, RNG)
+        np.testing.assert_allclose(float(step(m1, o1, batch)), float(reference(m2, o2, batch)),
+                                   rtol=1e-5, atol=1e-6)
+    _assert_trees_close(nnx.state(m1, nnx.Param), nnx.state(m2, nnx.Param))
+    assert int(o1.step[...]) == 2
+    plan = step.plan(m1, o1, batch)
+    roles = {a.path: a.role for a in plan.arguments}
+    assert roles["state/0/fc1/kernel/value"] == "parameter"
+    assert roles["state/1/opt_state/0/mu/fc1/kernel/value"] == "optimizer_state"
+    assert repr(step) == "ShardedFunction(nnx_jit_style_step, 1 plan(s))"
