@@ -266,3 +266,20 @@ def test_roles_from_dataflow_when_no_name_says():
     # a name still wins over the dataflow
     g = trace(step, *args, roles={"carry/0": "state"})
     assert {g.tensors[t].path: g.tensors[t].role for t in g.inputs}["carry/0/w1"] == Role.STATE
+
+
+def test_a_whole_argument_is_a_parameter_when_gradients_update_it():
+    """`def step(w, x)`: `w` comes back made from its gradient, so it is a parameter; an
+    autoencoder's `imgs` comes back in its own shape, but from the forward pass only: still batch."""
+    def step(w, inp, target):
+        loss, g = jax.value_and_grad(lambda w: ((inp @ w - target) ** 2).mean())(w)
+        return w - 0.1 * g, loss
+
+    def autoencoder(w, imgs):
+        loss, g = jax.value_and_grad(lambda w: ((imgs @ w @ w.T - imgs) ** 2).mean())(w)
+        return w - g, imgs @ w @ w.T
+
+    g = trace(step, jnp.ones((16, 4)), jnp.ones((8, 16)), jnp.ones((8, 4)))
+    assert [g.tensors[t].role for t in g.inputs] == [Role.PARAMETER, Role.BATCH, Role.BATCH]
+    g = trace(autoencoder, jnp.ones((16, 4)), jnp.ones((8, 16)))
+    assert [g.tensors[t].role for t in g.inputs] == [Role.PARAMETER, Role.BATCH]

@@ -334,10 +334,11 @@ def _roles_from_dataflow(b: "_Builder", unsure: Sequence[int], outputs: Sequence
                          out_paths: Sequence[str]) -> None:
     """Roles of the inputs no name said anything about (`def step(carry, x)` with `carry =
     (params, opt_state)`), from what the step does with them. An input the step returns updated
-    (a result of its shape and dtype whose path ends with the input's path below its argument)
-    from values of a backward pass is a parameter if the forward pass reads it, else optimizer
-    state (Adam's moments); one it returns otherwise is state (batch-norm statistics, counters);
-    the rest keep the fallback (batch)."""
+    (a result of its shape and dtype whose path ends with the input's path below its argument;
+    for a whole argument, `def step(w, x)`, a whole result made from gradients) from values of a
+    backward pass is a parameter if the forward pass reads it, else optimizer state (Adam's
+    moments); one it returns otherwise is state (batch-norm statistics, counters); the rest keep
+    the fallback (batch)."""
     if not unsure:
         return
     backward = {k for k, op in enumerate(b.ops) if _scoped(op, "transpose")}
@@ -351,13 +352,14 @@ def _roles_from_dataflow(b: "_Builder", unsure: Sequence[int], outputs: Sequence
     for tid in unsure:
         t = b.tensors[tid]
         tail = tuple(t["path"].split("/")[1:])
-        if not tail:
-            continue
-        hits = [o for o, p in zip(outputs, out_paths)
-                if tuple(p.split("/"))[-len(tail):] == tail and b.tensors[o]["shape"] == t["shape"]
-                and b.tensors[o]["dtype"] == t["dtype"]]
-        if len(hits) != 1:
-            continue
+        if tail:
+            ends = [p for p in out_paths if tuple(p.split("/"))[-len(tail):] == tail]
+        else:  # a whole argument (`def step(w, x)`): a whole result, `out` or `out/<k>`
+            ends = [p for p in out_paths if len(p.split("/")) <= 2]
+        hits = [o for o, p in zip(outputs, out_paths) if p in ends
+                and b.tensors[o]["shape"] == t["shape"] and b.tensors[o]["dtype"] == t["dtype"]]
+        if len(hits) != 1 or (not tail and hits[0] not in carried_from_grads):
+            continue  # (a whole result of the same shape proves little unless gradients made it)
         if hits[0] in carried_from_grads and t["dtype"].kind == "f":
             read_forward = any(_scoped(b.ops[c], "jvp") for c in t["consumers"])
             t["role"] = Role.PARAMETER if read_forward else Role.OPTIMIZER_STATE
