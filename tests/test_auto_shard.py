@@ -230,6 +230,7 @@ def test_roles_override_the_guess_from_paths():
     guessed = tag_jax.auto_shard(_scaled_sgd, _mesh(), topology=TOPO, time_budget_s=0.2,
                                  static_argnums=(2, 3), policy=None)
     told = tag_jax.auto_shard(_scaled_sgd, _mesh(), topology=TOPO, time_budget_s=0.2,
-                              static_argnums=(2, 3), policy=None, roles={"state": "parameter"})
+                              static_argnums=(2, 3), policy=None, roles={"state": "state"})
     role = lambda f: {a.path: a.role for a in f.plan(state, batch, 0.1, True).arguments}["state"]
-    assert (role(guessed), role(told)) == ("state", "parameter")
+    # `state` comes back made from its gradient: the dataflow says parameter; told otherwise, state
+    assert (role(guessed), role(told)) == ("parameter", "state")
