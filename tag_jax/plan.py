@@ -502,11 +502,7 @@ class ShardedFunction:
     def trace(self, *args: Any, **kwargs: Any) -> OpGraph:
         from tag_jax.hlo.trace import trace
 
-        args = self._positional(args, kwargs)
-        objects = self._objects(args)
-        if objects is not None:
-            return objects[0].trace(*objects[1])
-        inner, args = self._split(args)
+        inner, args = self._route(args, kwargs)
         return trace(inner.fn, *abstract(args), name=self.__name__, roles=self.roles)
 
     def _objects(self, args: tuple) -> tuple["ShardedFunction", tuple, tuple[int, ...]] | None:
@@ -533,12 +529,17 @@ class ShardedFunction:
             self._bound[key] = pure
         return pure, (state,) + others, positions
 
-    def plan(self, *args: Any, **kwargs: Any) -> Plan:
+    def _route(self, args: tuple, kwargs: dict) -> tuple["ShardedFunction", tuple]:
+        """The function that plans these arguments (this one; `fn` with its static arguments
+        bound; or the pure step of the Flax NNX objects among them) and the arguments it takes."""
         args = self._positional(args, kwargs)
         objects = self._objects(args)
         if objects is not None:
-            return objects[0].plan(*objects[1])
-        inner, args = self._split(args)
+            return objects[0], objects[1]
+        return self._split(args)
+
+    def plan(self, *args: Any, **kwargs: Any) -> Plan:
+        inner, args = self._route(args, kwargs)
         return inner._plan(signature(args), args)
 
     def _plan(self, key: tuple, args: tuple) -> Plan:
@@ -547,11 +548,7 @@ class ShardedFunction:
         return self._plans[key]
 
     def program(self, *args: Any, **kwargs: Any) -> Callable:
-        args = self._positional(args, kwargs)
-        objects = self._objects(args)
-        if objects is not None:
-            return objects[0].program(*objects[1])
-        inner, args = self._split(args)
+        inner, args = self._route(args, kwargs)
         return inner._program(signature(args), args)
 
     def _program(self, key: tuple, args: tuple) -> Callable:
@@ -561,12 +558,8 @@ class ShardedFunction:
         return self._programs[key]
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
-        args = self._positional(args, kwargs)
-        objects = self._objects(args)
-        if objects is not None:
-            return objects[0].lower(*objects[1])
-        inner, args = self._split(args)
-        return inner.program(*args).lower(*args)
+        inner, args = self._route(args, kwargs)
+        return inner._program(signature(args), args).lower(*args)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = self._positional(args, kwargs)

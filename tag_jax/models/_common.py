@@ -226,5 +226,19 @@ def cross_entropy(logits, labels, weights=None):
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+def causal_lm_task(model: nn.Module, batch: int, seq: int, vocab: int) -> Task:
+    """Next-token prediction: the loader supplies targets already shifted by one, so both arrays
+    are [batch, seq]; the loss is the mean cross-entropy of `model(input_ids)`'s logits."""
+    def sample_batch(key):
+        tokens = jax.random.randint(key, (batch, seq + 1), 0, vocab, jnp.int32)
+        return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def loss(variables, b):
+        logits = model.apply(variables, b["input_ids"])
+        return cross_entropy(logits, b["targets"]), {}, {}
+
+    return Task(model, sample_batch, lambda b: (b["input_ids"],), loss)
+
+
 def accuracy(logits, labels):
     return (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tag_jax.models._common import ModelSpec, Task, cross_entropy
+from tag_jax.models._common import ModelSpec, Task, causal_lm_task
 from tag_jax.models._layers import attend, merge_heads, normal, split_heads
 
 
@@ -111,18 +111,7 @@ class GPT2(nn.Module):
 def task(cfg: GPT2Config) -> Task:
     if cfg.seq > cfg.ctx:
         raise ValueError(f"gpt2: seq={cfg.seq} exceeds the position table ctx={cfg.ctx}")
-    model = GPT2(cfg)
-
-    def sample_batch(key):
-        # The loader supplies targets already shifted by one, so both arrays are [batch, seq].
-        tokens = jax.random.randint(key, (cfg.batch, cfg.seq + 1), 0, cfg.vocab, jnp.int32)
-        return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-    def loss(variables, batch):
-        logits = model.apply(variables, batch["input_ids"])
-        return cross_entropy(logits, batch["targets"]), {}, {}
-
-    return Task(model, sample_batch, lambda b: (b["input_ids"],), loss)
+    return causal_lm_task(GPT2(cfg), cfg.batch, cfg.seq, cfg.vocab)
 
 
 SPEC = ModelSpec("gpt2", "GPT-2 causal LM (pre-LN, GELU, tied embeddings)", CONFIGS, task)

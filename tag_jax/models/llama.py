@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tag_jax.models._common import ModelSpec, Task, cross_entropy
+from tag_jax.models._common import ModelSpec, Task, causal_lm_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +92,7 @@ class Llama(nn.Module):
 def task(cfg: LlamaConfig) -> Task:
     if cfg.n_head % cfg.n_kv_head:
         raise ValueError(f"llama: n_head={cfg.n_head} is not a multiple of n_kv_head={cfg.n_kv_head}")
-    model = Llama(cfg)
-
-    def sample_batch(key):
-        tokens = jax.random.randint(key, (cfg.batch, cfg.seq + 1), 0, cfg.vocab, jnp.int32)
-        return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-    def loss(variables, batch):
-        logits = model.apply(variables, batch["input_ids"])
-        return cross_entropy(logits, batch["targets"]), {}, {}
-
-    return Task(model, sample_batch, lambda b: (b["input_ids"],), loss)
+    return causal_lm_task(Llama(cfg), cfg.batch, cfg.seq, cfg.vocab)
 
 
 SPEC = ModelSpec("llama", "Llama-style decoder (RMSNorm, rotary, GQA, SwiGLU)", CONFIGS, task)
