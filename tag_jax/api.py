@@ -32,7 +32,8 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     wall-clock time, so a busier machine may stop it at another point and return another plan;
     `plan.save(path)` and `tag_jax.Plan.load(path, fn, *args)` reuse one plan exactly.
     `static_argnums` and `donate_argnums` work as `jax.jit`'s (one plan per value of the static
-    arguments). `roles` maps argument paths or their prefixes (``"state/ema"``) to a role
+    arguments). Flax NNX modules and optimizers may be arguments, as `nnx.jit` takes them: their
+    state is planned, and what the step does to them is written back (`tag_jax.nnx_objects`). `roles` maps argument paths or their prefixes (``"state/ema"``) to a role
     (`tag_jax.hlo.graph.Role` or its value: "parameter", "optimizer_state", "state", "batch"),
     overriding the guess from paths and Flax NNX variable types. `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
     for the shipped weights (none if the package has none), None to search unguided, a
