@@ -234,3 +234,29 @@ def test_roles_override_the_guess_from_paths():
     role = lambda f: {a.path: a.role for a in f.plan(state, batch, 0.1, True).arguments}["state"]
     # `state` comes back made from its gradient: the dataflow says parameter; told otherwise, state
     assert (role(guessed), role(told)) == ("parameter", "state")
+
+
+def test_search_reports_the_seeds_over_the_memory_limit():
+    """`SearchResult.over_memory` names the seeds whose plans do not fit (plan_quality.py's
+    baselines to beat are the fitting ones): with a limit between FSDP's peak and data
+    parallel's, DP is over and FSDP is not, and the result fits."""
+    from tag_jax import rules
+    from tag_jax.baselines import baseline_strategy
+    from tag_jax.cost import Simulator
+    from tag_jax.search.planner import search
+    from tag_jax.search.propagate import carried_outputs
+    from tag_jax.strategy import MeshSpec
+
+    ex = models.get("mlp", "toy", width=512, in_features=512)
+    graph = tag_jax.trace(ex.step, ex.state, ex.batch)
+    mesh = MeshSpec((8,), ("data",), tuple(range(8)))
+    ops = rules.for_graph(graph, mesh.axes)
+    sim = Simulator(graph, ops, TOPO, mesh, carried=carried_outputs(graph))
+    peak = {k: sim.cost(baseline_strategy(k, graph, ops, mesh, simulator=sim)).peak_memory_bytes
+            for k in ("data_parallel", "fsdp")}
+    assert peak["fsdp"] < peak["data_parallel"]
+    limit = (peak["fsdp"] + peak["data_parallel"]) / 2
+    r = search(graph, TOPO, list(range(8)), mesh_shape=(8,), axis_names=("data",),
+               time_budget_s=1.0, memory_limit=limit, permute=False)
+    assert "data_parallel (data=8)" in r.over_memory and "fsdp (data=8)" not in r.over_memory
+    assert set(r.over_memory) <= set(r.seeds) and r.cost.peak_memory_bytes <= limit
