@@ -172,6 +172,9 @@ def test_explicit_roles_override_the_guess():
     g = trace(lambda w, x: x @ w, jnp.ones((4, 4)), jnp.ones((2, 4)), roles={"w": "parameter"})
     assert g.tensors[g.inputs[0]].role == Role.PARAMETER
     assert g.tensors[g.inputs[1]].role == Role.BATCH
+    with pytest.raises(TraceError, match=r"roles=\{'w': 'weights'\}: 'weights' is not a role; an "
+                                         r"input is one of 'parameter', 'optimizer_state'"):
+        trace(lambda w, x: x @ w, jnp.ones((4, 4)), jnp.ones((2, 4)), roles={"w": "weights"})
 
 
 def test_abstract_inputs_are_never_allocated():

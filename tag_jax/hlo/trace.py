@@ -297,7 +297,11 @@ def _known_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = 
     for prefix, role in roles.items():  # the longest matching prefix wins
         if (path == prefix or path.startswith(prefix.rstrip("/") + "/")) and (
                 best is None or len(prefix) > len(best[0])):
-            best = (prefix, Role(role))
+            try:
+                best = (prefix, Role(role))
+            except ValueError:
+                raise TraceError(f"roles={{{prefix!r}: {role!r}}}: {role!r} is not a role; an input is "
+                                 f"one of 'parameter', 'optimizer_state', 'state', 'batch'") from None
     if best:
         return best[1]
     if hint is not None:
