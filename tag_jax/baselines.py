@@ -320,6 +320,31 @@ def megatron(fn: Callable, mesh: Mesh, topology: Any = None, *,
     return _baseline("megatron", fn, mesh, topology, donate_argnums, compiler_options)
 
 
+def hand_written(fn: Callable, mesh: Mesh, in_specs: Sequence[Any], topology: Any = None, *,
+                 donate_argnums: int | Sequence[int] = (),
+                 compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
+    """Your own plan, priced by the same simulator: `in_specs` as `jax.jit(in_shardings=...)`
+    takes them, in PartitionSpecs over `mesh`'s axes (`tag_jax.hand_written`)."""
+    from tag_jax.emit.mesh import make_mesh, mesh_spec
+    from tag_jax.hand_written import hand_written_strategy
+
+    spec = mesh_spec(mesh)
+    if topology is None:
+        from tag_jax.topology import Topology
+
+        topology = Topology.detect()
+    check_topology(topology, spec)
+
+    def plan(graph: OpGraph) -> Plan:
+        from tag_jax import rules
+
+        op_strategies = rules.for_graph(graph, spec.axes)
+        strategy = hand_written_strategy(graph, op_strategies, spec, in_specs)
+        return Plan.build(graph, strategy, op_strategies, topology, jax_mesh=make_mesh(spec))
+
+    return ShardedFunction(fn, plan, donate_argnums=donate_argnums, compiler_options=compiler_options)
+
+
 # ---- the Alpa-style ILP -------------------------------------------------------------------------
 
 def _ilp_planner(mesh: Mesh, topology: Any, time_limit_s: float,
