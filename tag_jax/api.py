@@ -15,7 +15,7 @@ from tag_jax.plan import Plan, ShardedFunction
 def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topology=None,
                time_budget_s: float = 7.0, memory_limit: float | None = None, seed: int = 0,
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
-               static_argnums: int | Sequence[int] = (), roles=None,
+               static_argnums: int | Sequence[int] = (), roles=None, hand_written=None,
                progress: bool = False, compiler_options=None, policy="default",
                compression: str = "lossless", uneven: bool | str = "auto") -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
@@ -35,7 +35,10 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     arguments). Flax NNX modules and optimizers may be arguments, as `nnx.jit` takes them: their
     state is planned, and what the step does to them is written back (`tag_jax.nnx_objects`). `roles` maps argument paths or their prefixes (``"state/ema"``) to a role
     (`tag_jax.hlo.graph.Role` or its value: "parameter", "optimizer_state", "state", "batch"),
-    overriding the guess from paths and Flax NNX variable types. `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
+    overriding the guess from paths and Flax NNX variable types. `hand_written`: your own plan, as
+    `jax.jit(in_shardings=...)` PartitionSpecs over `mesh`'s axes (a `Mesh` then), priced as one
+    more seed, so the plan is never slower than it (its time is in `plan.search.seeds`).
+    `policy`: the learned policy that seeds and steers the search (`tag_jax.policy`): "default"
     for the shipped weights (none if the package has none), None to search unguided, a
     `tag_jax.policy.Policy` or a weights path. With `time_budget_s=0` the policy's plan is used alone.
     `compression`: "lossless" (default) lets `tag_jax.search.compression` choose per gradient among
@@ -59,6 +62,9 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
 
     topo = Topology.detect() if topology is None else topology
     shape = names = None
+    if hand_written is not None and not isinstance(mesh, Mesh):
+        raise ValueError("auto_shard(hand_written=...): the specs name mesh axes, so pass the "
+                         "jax.sharding.Mesh they are written for as `mesh`")
     if isinstance(mesh, Mesh):
         from tag_jax.emit.mesh import mesh_spec
 
@@ -102,7 +108,7 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         compress_s = max(0.5, time_budget_s - search_s)
         result = search(graph, topo, device_ids, mesh_shape=shape, axis_names=names,
                         time_budget_s=search_s, seed=seed, progress=progress,
-                        permute=not keep_device_order, policy=guide, **per_mesh)
+                        permute=not keep_device_order, policy=guide, given=hand_written, **per_mesh)
         strategy, cost, choices, uncompressed = result.strategy, result.cost, (), None
         if compression != "none":
             from tag_jax.search.compression import joint_select

@@ -50,3 +50,22 @@ def test_per_leaf_specs_and_the_errors_name_the_argument():
                          ((None, P(("data", "model", "data"))), r"uses a mesh axis twice|not divide|splits")):
         with pytest.raises(SpecError, match=message):
             tag_jax.baselines.hand_written(ex.step, _mesh(), bad, topology=TOPO).plan(ex.state, ex.batch)
+
+
+def test_auto_shard_is_never_slower_than_the_hand_written_plan_it_is_given():
+    ex = models.get("mlp", "toy", optimizer="sgd")
+    state, batch = ex.init(jax.random.key(0))
+    mine = ({"params": {k: ({"kernel": P("data", "model"), "bias": None} if "kernel" in v else None)
+                        for k, v in ex.state["params"].items()}, "opt_state": None, "step": None},
+            P("data"))
+    step = tag_jax.auto_shard(ex.step, _mesh(), topology=TOPO, time_budget_s=1.0, hand_written=mine)
+    plan = step.plan(state, batch)
+    [name] = [k for k in plan.search.seeds if k.startswith("hand-written")]
+    alone = tag_jax.baselines.hand_written(ex.step, _mesh(), mine, topology=TOPO).plan(state, batch)
+    assert plan.search.seeds[name] == pytest.approx(alone.cost.step_time_s, rel=1e-9)
+    assert plan.cost.step_time_s <= alone.cost.step_time_s * (1 + 1e-9)
+    got, want = step(state, batch), jax.jit(ex.step)(state, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pass the jax.sharding.Mesh they are written for"):
+        tag_jax.auto_shard(ex.step, jax.devices(), topology=TOPO, hand_written=mine)

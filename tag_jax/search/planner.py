@@ -46,7 +46,8 @@ class PlanningError(ValueError):
 def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: tuple[int, ...] | None = None,
            axis_names: tuple[str, ...] | None = None, time_budget_s: float = 10.0,
            memory_limit: float | None = None, seed: int = 0, progress: bool = False,
-           permute: bool = True, policy=None, memory_fraction: float | None = None) -> SearchResult:
+           permute: bool = True, policy=None, memory_fraction: float | None = None,
+           given=None) -> SearchResult:
     """`policy` (a `tag_jax.policy.Policy`, or None for an unguided search) adds its plan on every
     seeded mesh as one more seed and biases the annealing moves; with `time_budget_s <= 0` its plan
     is returned alone (a few dozen simulator evaluations: `tag_jax.policy.guide.policy_plan`),
@@ -54,7 +55,10 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
 
     `memory_limit`: bytes per device for every mesh (None: no limit); or `memory_fraction`: each
     mesh's limit is that fraction of the smallest memory among its own devices (a mesh of only the
-    A100s of a mixed cluster may use their 40 GB, not the V100s' 16)."""
+    A100s of a mixed cluster may use their 40 GB, not the V100s' 16).
+
+    `given`: the user's own argument PartitionSpecs over `axis_names` (`tag_jax.hand_written`),
+    one more seed on the first mesh, so that the result is never slower than the user's plan."""
     if memory_fraction is not None and memory_limit is not None:
         raise ValueError("search: give memory_limit or memory_fraction, not both")
 
@@ -140,6 +144,13 @@ def search(graph: OpGraph, topology, device_ids: Sequence[int], *, mesh_shape: t
             score = _score(cost, limit)
             seeds[f"{kind} {label}"] = cost.step_time_s
             scored.append((score, f"{kind} {label}", cost, strategy, ann, _start(ann, kind)))
+        if given is not None and k == 0:
+            from tag_jax.hand_written import hand_written_strategy
+
+            strategy = hand_written_strategy(graph, ops, mesh, given)
+            cost = sim.cost(strategy)
+            seeds[f"hand-written {label}"] = cost.step_time_s
+            scored.append((_score(cost, limit), f"hand-written {label}", cost, strategy, ann, None))
         if len(mesh.shape) == 2 and sum(map(len, ops)) <= TWO_D_OPTIONS:
             strategy = two_d_strategy(graph, ops, mesh, carried)
             cost = sim.cost(strategy)
