@@ -271,7 +271,9 @@ def megatron_mesh(mesh: MeshSpec, topology: Any = None) -> MeshSpec:
     return reshape_spec(mesh, (n // model, model), ("data", "model"))
 
 
-def _planner(kind: str, mesh: Mesh, topology: Any) -> Callable[[OpGraph], Plan]:
+def _planner(kind: str, mesh: Mesh, topology: Any, in_specs: Any = None) -> Callable[[OpGraph], Plan]:
+    """Plans of one kind on `mesh`: a baseline, or with `kind="hand_written"` the user's
+    `in_specs` (`tag_jax.hand_written`)."""
     from tag_jax.emit.mesh import make_mesh, mesh_spec
 
     spec = mesh_spec(mesh)
@@ -287,7 +289,12 @@ def _planner(kind: str, mesh: Mesh, topology: Any) -> Callable[[OpGraph], Plan]:
         from tag_jax import rules
 
         op_strategies = rules.for_graph(graph, spec.axes)
-        strategy = baseline_strategy(kind, graph, op_strategies, spec)
+        if kind == "hand_written":
+            from tag_jax.hand_written import hand_written_strategy
+
+            strategy = hand_written_strategy(graph, op_strategies, spec, in_specs)
+        else:
+            strategy = baseline_strategy(kind, graph, op_strategies, spec)
         return Plan.build(graph, strategy, op_strategies, topology, jax_mesh=make_mesh(spec))
 
     return plan
@@ -325,24 +332,8 @@ def hand_written(fn: Callable, mesh: Mesh, in_specs: Sequence[Any], topology: An
                  compiler_options: Mapping[str, Any] | None = None) -> ShardedFunction:
     """Your own plan, priced by the same simulator: `in_specs` as `jax.jit(in_shardings=...)`
     takes them, in PartitionSpecs over `mesh`'s axes (`tag_jax.hand_written`)."""
-    from tag_jax.emit.mesh import make_mesh, mesh_spec
-    from tag_jax.hand_written import hand_written_strategy
-
-    spec = mesh_spec(mesh)
-    if topology is None:
-        from tag_jax.topology import Topology
-
-        topology = Topology.detect()
-    check_topology(topology, spec)
-
-    def plan(graph: OpGraph) -> Plan:
-        from tag_jax import rules
-
-        op_strategies = rules.for_graph(graph, spec.axes)
-        strategy = hand_written_strategy(graph, op_strategies, spec, in_specs)
-        return Plan.build(graph, strategy, op_strategies, topology, jax_mesh=make_mesh(spec))
-
-    return ShardedFunction(fn, plan, donate_argnums=donate_argnums, compiler_options=compiler_options)
+    return ShardedFunction(fn, _planner("hand_written", mesh, topology, in_specs),
+                           donate_argnums=donate_argnums, compiler_options=compiler_options)
 
 
 # ---- the Alpa-style ILP -------------------------------------------------------------------------
