@@ -36,6 +36,10 @@ MEGATRON_COLUMN = frozenset({"c_attn", "c_fc", "query", "key", "value", "wi", "f
                              "w1", "w3", "query_key_value", "dense_h_to_4h"})
 MEGATRON_ROW = frozenset({"c_proj", "out", "wo", "fc2", "output", "o_proj", "down_proj", "w2",
                           "dense_4h_to_h"})
+# `nn.MultiHeadDotProductAttention`'s projections are DenseGeneral with a heads dimension:
+# splitting heads keeps each head's attention on one device (head_dim would make the scores a
+# partial sum to all-reduce)
+_HEADED = frozenset({"query", "key", "value", "out"})
 _NOT_VOCAB = ("pos", "wpe", "type", "rel")  # position / token-type / relative-bias tables stay replicated
 
 BASELINES = ("data_parallel", "fsdp", "megatron")
@@ -94,11 +98,16 @@ def megatron_dim(path: str, shape: tuple[int, ...]) -> int | None:
     leaf = parts[-1] if parts else ""
     if not shape:
         return None
+    heads = len(parts) > 1 and parts[-2] in _HEADED  # Flax's attention: kernels split by head
     if any(p in MEGATRON_COLUMN for p in parts):
+        if heads and leaf == "kernel" and len(shape) == 3:  # (features, heads, head_dim)
+            return 1
         if leaf == "bias" or len(shape) == 1:
-            return 0
+            return 0  # (also (heads, head_dim): the heads)
         return len(shape) - 1
     if any(p in MEGATRON_ROW for p in parts):
+        if heads and leaf == "kernel" and len(shape) == 3:  # (heads, head_dim, features)
+            return 0
         return None if len(shape) == 1 else len(shape) - 2
     is_table = leaf == "embedding" or leaf.startswith("table") or "embed" in leaf
     if is_table and len(shape) == 2 and not any(w in p for p in parts for w in _NOT_VOCAB):

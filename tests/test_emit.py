@@ -306,6 +306,11 @@ def test_megatron_dim_by_path():
     assert md("state/blocks/0/fc2/kernel/value", (64, 32)) == 0
     assert md("state/blocks/0/norm/scale/value", (32,)) is None
     assert md("state/attn/value/kernel/value", (32, 32)) == 1
+    # nn.MultiHeadDotProductAttention (DenseGeneral): split the heads, not head_dim
+    assert md("state/params/Block_0/MultiHeadDotProductAttention_0/query/kernel", (32, 4, 8)) == 1
+    assert md("state/params/Block_0/MultiHeadDotProductAttention_0/query/bias", (4, 8)) == 0
+    assert md("state/params/Block_0/MultiHeadDotProductAttention_0/out/kernel", (4, 8, 32)) == 0
+    assert md("state/params/Block_0/MultiHeadDotProductAttention_0/out/bias", (32,)) is None
 
 
 def test_fsdp_shards_an_nnx_optimizer_state_like_its_parameter():
