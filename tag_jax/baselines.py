@@ -99,16 +99,15 @@ def megatron_dim(path: str, shape: tuple[int, ...]) -> int | None:
     if not shape:
         return None
     heads = len(parts) > 1 and parts[-2] in _HEADED  # Flax's attention: kernels split by head
+    # (dims counted from the end, so stacked layers' leading axis, `nn.scan`, is never split)
     if any(p in MEGATRON_COLUMN for p in parts):
-        if heads and leaf == "kernel" and len(shape) == 3:  # (features, heads, head_dim)
-            return 1
-        if leaf == "bias" or len(shape) == 1:
-            return 0  # (also (heads, head_dim): the heads)
+        if heads and len(shape) >= (3 if leaf == "kernel" else 2):
+            return len(shape) - 2  # kernel (features, heads, head_dim), bias (heads, head_dim)
         return len(shape) - 1
     if any(p in MEGATRON_ROW for p in parts):
-        if heads and leaf == "kernel" and len(shape) == 3:  # (heads, head_dim, features)
-            return 0
-        return None if len(shape) == 1 else len(shape) - 2
+        if heads and leaf == "kernel" and len(shape) >= 3:  # (heads, head_dim, features)
+            return len(shape) - 3
+        return None if len(shape) == 1 or leaf == "bias" else len(shape) - 2
     is_table = leaf == "embedding" or leaf.startswith("table") or "embed" in leaf
     if is_table and len(shape) == 2 and not any(w in p for p in parts for w in _NOT_VOCAB):
         return 0

@@ -311,6 +311,13 @@ def test_megatron_dim_by_path():
     assert md("state/params/Block_0/MultiHeadDotProductAttention_0/query/bias", (4, 8)) == 0
     assert md("state/params/Block_0/MultiHeadDotProductAttention_0/out/kernel", (4, 8, 32)) == 0
     assert md("state/params/Block_0/MultiHeadDotProductAttention_0/out/bias", (32,)) is None
+    # layers stacked by nn.scan: the leading layer axis is never the one split
+    assert md("state/params/h/attn/c_attn/bias", (2, 96)) == 1
+    assert md("state/params/h/attn/c_attn/kernel", (2, 32, 96)) == 2
+    assert md("state/params/h/attn/c_proj/bias", (2, 32)) is None
+    assert md("state/params/h/mlp/c_proj/kernel", (2, 128, 32)) == 1
+    assert md("state/params/layers/attn/query/kernel", (2, 32, 4, 8)) == 2
+    assert md("state/params/layers/attn/out/kernel", (2, 4, 8, 32)) == 1
 
 
 def test_fsdp_shards_an_nnx_optimizer_state_like_its_parameter():
