@@ -124,8 +124,9 @@ def _follow_params(graph: OpGraph, shardings: dict[int, TensorSharding]) -> None
     for tid in graph.inputs:
         t = graph.tensors[tid]
         if t.role == Role.PARAMETER and t.path:
-            parts = tuple(_param_parts(t.path) if "params" in t.path.split("/")
-                          else _param_parts(t.path)[1:])
+            parts = tuple(_param_parts(t.path))
+            if "params" not in t.path.split("/"):
+                parts = parts[1:]  # below the argument's name
             for n in range(1, len(parts) + 1):
                 endings.setdefault(parts[-n:], set()).add(tid)
     for tid in graph.inputs:
@@ -186,18 +187,14 @@ def baseline_strategy(kind: str, graph: OpGraph, op_strategies, mesh: MeshSpec, 
     activation. A person writing the plan would take the faster, so with a `simulator` (of this
     graph, `op_strategies` and mesh) both are priced and the faster that fits in `memory_limit`
     is returned: the search's seeds, and so the benchmarks' baselines, are never the weaker."""
-    from tag_jax.search.propagate import carried_outputs, propagate
-
     ins = input_shardings(kind, graph, mesh)
-    by_input = dict(zip(graph.inputs, ins))
-    wanted = {out: by_input[src] for out, src in carried_outputs(graph).items()}
     # FSDP computes as data parallel (weights gathered at use); only the stored state is sharded.
     seed = input_shardings("data_parallel", graph, mesh) if kind == "fsdp" else ins
     prefer = _megatron_prefer(graph, mesh, ins) if kind == "megatron" else None
 
     def read(ties: str) -> Strategy:
-        return Strategy(mesh, propagate(graph, op_strategies, mesh, seed, outputs=wanted,
-                                        prefer=prefer, ties=ties), ins, name=kind)
+        return propagated_strategy(graph, op_strategies, mesh, ins, kind, seed=seed, prefer=prefer,
+                                   ties=ties)
 
     sliced = read("split")
     if simulator is None:
@@ -212,6 +209,20 @@ def baseline_strategy(kind: str, graph: OpGraph, op_strategies, mesh: MeshSpec, 
         return over, cost.step_time_s
 
     return min((sliced, kept), key=score)
+
+
+def propagated_strategy(graph: OpGraph, op_strategies, mesh: MeshSpec, ins: Sequence[TensorSharding],
+                        name: str, *, seed: Sequence[TensorSharding] | None = None, prefer=None,
+                        ties: str = "split") -> Strategy:
+    """Arguments stored as `ins`, ops chosen by `propagate` from `seed` (default `ins`: the layout
+    they are computed in), updated state wanted back in its argument's layout."""
+    from tag_jax.search.propagate import carried_outputs, propagate
+
+    by_input = dict(zip(graph.inputs, ins))
+    wanted = {out: by_input[src] for out, src in carried_outputs(graph).items()}
+    choices = propagate(graph, op_strategies, mesh, ins if seed is None else seed, outputs=wanted,
+                        prefer=prefer, ties=ties)
+    return Strategy(mesh, choices, tuple(ins), name=name)
 
 
 def _megatron_prefer(graph: OpGraph, mesh: MeshSpec, ins: Sequence[TensorSharding]):

@@ -8,6 +8,7 @@ more entries than dimensions, or a dimension the axes do not divide is refused n
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -55,31 +56,23 @@ def input_shardings(graph: OpGraph, mesh: MeshSpec, in_specs: Sequence[Any]) -> 
         entries = tuple(spec) if spec is not None else ()
         if len(entries) > len(t.shape):
             raise SpecError(f"{where}: spec {spec} has {len(entries)} entries for {len(t.shape)} dims")
-        dims, used = [], []
-        for n, e in zip(t.shape, entries + (None,) * (len(t.shape) - len(entries))):
-            names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
-            missing = [a for a in names if a not in axes]
-            if missing:
-                raise SpecError(f"{where}: spec {spec} names axes {missing} the mesh {dict(axes)} lacks")
-            size = 1
-            for a in names:
-                size *= axes[a]
+        ts = TensorSharding.from_partition_spec(PartitionSpec(*entries), len(t.shape))
+        missing = [a for a in ts.axes if a not in axes]
+        if missing:
+            raise SpecError(f"{where}: spec {spec} names axes {missing} the mesh {dict(axes)} lacks")
+        for n, d in zip(t.shape, ts.dims):
+            size = math.prod(axes[a] for a in d)
             if n % size:
                 raise SpecError(f"{where}: spec {spec} splits a dimension of {n} over {size} devices")
-            used += names
-            dims.append(names)
-        if len(set(used)) != len(used):
+        if len(set(ts.axes)) != len(ts.axes):
             raise SpecError(f"{where}: spec {spec} uses a mesh axis twice")
-        out.append(TensorSharding(tuple(dims)))
+        out.append(ts)
     return tuple(out)
 
 
 def hand_written_strategy(graph: OpGraph, op_strategies, mesh: MeshSpec, in_specs) -> Strategy:
-    """The user's argument shardings, the rest propagated (updated state back in its layout)."""
-    from tag_jax.search.propagate import carried_outputs, propagate
+    """The user's argument shardings, the rest propagated as the baselines' are."""
+    from tag_jax.baselines import propagated_strategy
 
-    ins = input_shardings(graph, mesh, in_specs)
-    by_input = dict(zip(graph.inputs, ins))
-    wanted = {out: by_input[src] for out, src in carried_outputs(graph).items()}
-    return Strategy(mesh, propagate(graph, op_strategies, mesh, ins, outputs=wanted), ins,
-                    name="hand-written")
+    return propagated_strategy(graph, op_strategies, mesh, input_shardings(graph, mesh, in_specs),
+                               "hand-written")

@@ -8,7 +8,6 @@ results; the call then writes the new state back into the caller's objects (`nnx
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Sequence
 
 
@@ -42,15 +41,10 @@ def pure_step(fn: Callable, graphdef: Any, positions: Sequence[int], n_args: int
         out = fn(*(next(objs) if k in at else next(rest) for k in range(n_args)))
         return nnx.split(objects)[1], out
 
-    try:  # the other arguments keep their names (the plan's argument paths)
-        params = list(inspect.signature(fn).parameters.values())
-        names = [params[k] for k in range(min(n_args, len(params))) if k not in at
-                 and params[k].kind in (params[k].POSITIONAL_ONLY, params[k].POSITIONAL_OR_KEYWORD)]
-        step.__signature__ = inspect.Signature(
-            [inspect.Parameter("state", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + names)
-    except (TypeError, ValueError):
-        pass
-    return step
+    from tag_jax.plan import named_like
+
+    # the other arguments keep their names (the plan's argument paths); the objects' are `state`
+    return named_like(step, fn, [k for k in range(n_args) if k not in at], first="state")
 
 
 def write_back(args: Sequence[Any], positions: Sequence[int], new_state: Any) -> None:

@@ -62,11 +62,13 @@ class Argument:
     sharding: TensorSharding
 
     @property
+    def is_key(self) -> bool:
+        """A typed PRNG key, stored as "void<bits>" (`tag_jax.hlo.trace.storage_dtype`)."""
+        return self.dtype.startswith("void")
+
+    @property
     def itemsize(self) -> int:
-        # "void64": a typed PRNG key (`tag_jax.hlo.trace.storage_dtype`), which numpy cannot name
-        if self.dtype.startswith("void"):
-            return int(self.dtype[4:]) // 8
-        return np.dtype(self.dtype).itemsize
+        return int(self.dtype[4:]) // 8 if self.is_key else np.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -164,7 +166,7 @@ class Plan:
         for a in self.arguments:
             local = a.sharding.local_shape(a.shape, axes)
             nbytes = math.prod(local) * a.itemsize
-            dtype = "key" if a.dtype.startswith("void") else a.dtype  # a typed PRNG key
+            dtype = "key" if a.is_key else a.dtype
             rows.append((a.path, f"{dtype}[{','.join(map(str, a.shape))}]",
                          str(a.sharding.to_partition_spec()), nbytes, a.role))
         wp = max([len("argument")] + [len(r[0]) for r in rows])
@@ -442,7 +444,7 @@ class ShardedFunction:
     def _split(self, args: tuple) -> tuple["ShardedFunction", tuple]:
         """The function to plan for these arguments (`fn` with its static arguments bound) and
         the arguments it takes (the others)."""
-        if self.static_argnums == () or self.static_argnums is None:
+        if not _given(self.static_argnums):
             return self, args
         static = _argnums(self.static_argnums, len(args))
         bad = sorted(k for k in static if not 0 <= k < len(args))
@@ -467,13 +469,7 @@ class ShardedFunction:
                 return fn(*(fixed[k] if k in fixed else next(it) for k in range(n)))
 
             kept = [k for k in range(n) if k not in static]  # old position -> new position
-            try:  # the other arguments keep their names (the plan's argument paths)
-                params = list(inspect.signature(fn).parameters.values())
-                with_static.__signature__ = inspect.Signature(
-                    [params[k] for k in kept if k < len(params)
-                     and params[k].kind in (params[k].POSITIONAL_ONLY, params[k].POSITIONAL_OR_KEYWORD)])
-            except (TypeError, ValueError):
-                pass
+            named_like(with_static, fn, kept)  # the other arguments keep their names
             donated = sorted(kept.index(k) for k in _argnums(self.donate_argnums, n) if k in kept)
             bound = ShardedFunction(with_static, self.planner, donate_argnums=tuple(donated),
                                     compiler_options=self.compiler_options, name=self.__name__,
@@ -513,15 +509,15 @@ class ShardedFunction:
         positions = nnx_objects.object_positions(args)
         if not positions:
             return None
-        if self.static_argnums not in ((), None):
+        if _given(self.static_argnums):
             raise ValueError(f"{self.__name__}: static_argnums with Flax NNX objects among the "
                              f"arguments is not supported; bind the static values with functools.partial")
         graphdef, state, others = nnx_objects.split(args, positions)
         key = (graphdef, positions, len(args))
         pure = self._bound.get(key)
         if pure is None:
-            donated = tuple(sorted({0} if any(k in positions for k in _argnums(self.donate_argnums, len(args)))
-                                   else set()))
+            # donating an object donates its state (the pure step's first argument)
+            donated = (0,) if _argnums(self.donate_argnums, len(args)) & set(positions) else ()
             pure = ShardedFunction(nnx_objects.pure_step(self.fn, graphdef, positions, len(args)),
                                    self.planner, donate_argnums=donated,
                                    compiler_options=self.compiler_options, name=self.__name__,
@@ -599,6 +595,27 @@ class ShardedFunction:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def named_like(wrapper: Callable, fn: Callable, kept: Sequence[int], first: str | None = None) -> Callable:
+    """`wrapper` with `fn`'s positional parameters at positions `kept` (after a parameter `first`,
+    if given) as its signature, which the tracer names the arguments' paths by."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return wrapper
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [params[k] for k in kept if k < len(params) and params[k].kind in positional]
+    lead = [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD)] if first else []
+    try:
+        wrapper.__signature__ = inspect.Signature(lead + names)
+    except ValueError:  # (a kept name clashing with `first`)
+        pass
+    return wrapper
+
+
+def _given(argnums: Any) -> bool:
+    return argnums not in ((), None)
+
 
 def _hashable(value: Any) -> bool:
     try:

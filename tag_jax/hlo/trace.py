@@ -320,10 +320,6 @@ def _fallback_role(path: str) -> Role:
     return Role.STATE if path.split("/")[0] in ("state", "train_state") else Role.BATCH
 
 
-def _guess_role(path: str, roles: Mapping[str, str | Role], hint: Role | None = None) -> Role:
-    return _known_role(path, roles, hint) or _fallback_role(path)
-
-
 def _scoped(op: Op, pass_name: str) -> bool:
     """Whether the op, or an op of its loop/branch bodies, is in the forward ("jvp") or backward
     ("transpose") pass of a differentiated function, by JAX's name stack."""
@@ -345,14 +341,10 @@ def _roles_from_dataflow(b: "_Builder", unsure: Sequence[int], outputs: Sequence
     the fallback (batch)."""
     if not unsure:
         return
-    backward = {k for k, op in enumerate(b.ops) if _scoped(op, "transpose")}
-    if not backward:
-        carried_from_grads = set()
-    else:  # tensors computed from a backward pass (through anything after it)
-        carried_from_grads = set()
-        for k, op in enumerate(b.ops):
-            if k in backward or any(t in carried_from_grads for t in op.inputs):
-                carried_from_grads.update(op.outputs)
+    carried_from_grads: set[int] = set()  # tensors computed from a backward pass, through anything
+    for op in b.ops:
+        if _scoped(op, "transpose") or any(t in carried_from_grads for t in op.inputs):
+            carried_from_grads.update(op.outputs)
     for tid in unsure:
         t = b.tensors[tid]
         tail = tuple(t["path"].split("/")[1:])
