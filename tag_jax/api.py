@@ -17,7 +17,8 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
                keep_device_order: bool = False, donate_argnums: int | Sequence[int] = (),
                static_argnums: int | Sequence[int] = (), roles=None, hand_written=None,
                progress: bool = False, compiler_options=None, policy="default",
-               compression: str = "lossless", uneven: bool | str = "auto") -> ShardedFunction:
+               compression: str = "lossless", uneven: bool | str = "auto",
+               plan: Any = None) -> ShardedFunction:
     """Plan `fn` for `mesh` on `topology` and return a jit-like function.
 
     `mesh`: a `jax.sharding.Mesh` (its axes and shape are kept; the planner chooses which device sits
@@ -48,9 +49,16 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
     also plans uneven work across groups of like devices on heterogeneous devices and runs it where
     the simulator prices it faster than one SPMD program; True always runs the uneven plan, False
     never (`tag_jax.uneven.auto`). Plain functions get one SPMD program.
+    `plan`: a saved plan (its path, `Plan.to_dict()`'s dict or a `Plan`) to run instead of planning:
+    each call's traced program must be the one it was made for (`PlanMismatchError` otherwise),
+    with Flax NNX objects and static arguments handled as when planning; `topology`, if given,
+    must be the one it was planned for.
     """
     from tag_jax.uneven.auto import check_uneven
 
+    if plan is not None:
+        return _with_saved_plan(fn, mesh, plan, topology, donate_argnums, static_argnums,
+                                compiler_options, roles)
     use_uneven = check_uneven(fn, uneven)
     from tag_jax.search.compression import check_mode
 
@@ -141,3 +149,37 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
 
     return UnevenFunction(fn, spmd, topo, device_ids, mode=uneven, memory_limit=memory_limit,
                           compiler_options=compiler_options)
+
+
+def _with_saved_plan(fn, mesh, saved, topology, donate_argnums, static_argnums, compiler_options,
+                     roles) -> ShardedFunction:
+    """A ShardedFunction whose planner reloads `saved` for each traced graph (checked to match)."""
+    import json
+
+    if isinstance(saved, Plan):
+        d, source = saved.to_dict(), f"the plan of {saved.function}"
+    elif isinstance(saved, dict):
+        d, source = saved, "the plan"
+    else:
+        with open(saved) as f:
+            d = json.load(f)
+        source = str(saved)
+    if isinstance(d, dict) and isinstance(d.get("mesh"), dict) and mesh is not None:
+        wanted = set(d["mesh"].get("device_ids", ()))
+        if isinstance(mesh, Mesh):
+            from tag_jax.emit.mesh import mesh_spec
+
+            given = set(mesh_spec(mesh).device_ids)
+        else:
+            index = {dev: k for k, dev in enumerate(jax.devices())}
+            given = {index[dev] for dev in mesh}
+        if not wanted <= given:
+            raise ValueError(f"{source} runs on devices {sorted(wanted)}, but the mesh given to "
+                             f"auto_shard has {sorted(given)}: pass the devices it was planned for "
+                             "(or mesh=None), or plan anew")
+
+    def planner(graph: OpGraph) -> Plan:
+        return Plan.from_dict(d, graph=graph, topology=topology, source=source)
+
+    return ShardedFunction(fn, planner, donate_argnums=donate_argnums, static_argnums=static_argnums,
+                           compiler_options=compiler_options, roles=roles)

@@ -315,9 +315,12 @@ class Plan:
                 f"{topology.fingerprint()[:12]}): its device order and costs would be wrong; "
                 "plan again for this topology")
         if graph is None and fn is not None:
-            from tag_jax.hlo.trace import trace
-
-            graph = trace(fn, *abstract(args), **kwargs)
+            # traced as auto_shard traces it: keywords bound to positions, Flax NNX objects split
+            # (the plan then takes their state first, then the other arguments)
+            tracer = ShardedFunction(fn, _no_planner, roles=kwargs.pop("roles", None),
+                                     static_argnums=kwargs.pop("static_argnums", ()),
+                                     name=kwargs.pop("name", None))
+            graph = tracer.trace(*args, **kwargs)
         if graph is not None:
             got = graph_fingerprint(graph)
             if got != d["graph_fingerprint"]:
@@ -595,6 +598,10 @@ class ShardedFunction:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _no_planner(graph: OpGraph) -> Plan:
+    raise AssertionError("only traced")  # pragma: no cover
+
 
 def named_like(wrapper: Callable, fn: Callable, kept: Sequence[int], first: str | None = None) -> Callable:
     """`wrapper` with `fn`'s positional parameters at positions `kept` (after a parameter `first`,

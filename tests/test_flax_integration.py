@@ -9,6 +9,8 @@ from flax import nnx
 from flax.training import train_state
 
 import tag_jax
+from tag_jax.plan import Plan, PlanMismatchError
+from tag_jax.search import planner as planner_module
 
 TOPO = tag_jax.Topology.preset("2x4-v100-25gbe")
 
@@ -263,3 +265,44 @@ def test_nnx_objects_are_updated_in_place_as_nnx_jit_does():
     assert roles["state/0/fc1/kernel/value"] == "parameter"
     assert roles["state/1/opt_state/0/mu/fc1/kernel/value"] == "optimizer_state"
     assert repr(step) == "ShardedFunction(nnx_jit_style_step, 1 plan(s))"
+
+
+def test_a_saved_plan_of_nnx_objects_runs_again_without_planning(tmp_path, monkeypatch):
+    def make():
+        model = DropoutNet(nnx.Rngs(0, dropout=1))
+        return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    (m1, o1), (m2, o2) = make(), make()
+    batch = _batch()
+    planned = tag_jax.auto_shard(nnx_jit_style_step, _mesh(), topology=TOPO, time_budget_s=1.0)
+    plan = planned.plan(m1, o1, batch)
+    path = tmp_path / "nnx_plan.json"
+    plan.save(str(path))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a saved plan must not be searched again")
+
+    monkeypatch.setattr(planner_module, "search", never)
+    step = tag_jax.auto_shard(nnx_jit_style_step, _mesh(), topology=TOPO, plan=str(path))
+    reference = nnx.jit(nnx_jit_style_step)
+    for _ in range(2):
+        np.testing.assert_allclose(float(step(m1, o1, batch)), float(reference(m2, o2, batch)),
+                                   rtol=1e-5, atol=1e-6)
+    _assert_trees_close(nnx.state(m1, nnx.Param), nnx.state(m2, nnx.Param))
+    again = step.plan(m1, o1, batch)
+    assert again.strategy == plan.strategy and again.fingerprint == plan.fingerprint
+
+    # Plan.load traces the objects' state the same way: the loaded program takes (state, batch)
+    loaded = Plan.load(str(path), nnx_jit_style_step, m1, o1, batch, topology=TOPO)
+    assert loaded.strategy == plan.strategy
+    assert [a.path for a in loaded.arguments] == [a.path for a in plan.arguments]
+
+    # another batch size traces another program: refused, naming what to do
+    small = {k: v[:8] for k, v in batch.items()}
+    with pytest.raises(PlanMismatchError, match="plan this one anew"):
+        step(m1, o1, small)
+    with pytest.raises(PlanMismatchError, match="planned for another topology"):
+        tag_jax.auto_shard(nnx_jit_style_step, _mesh(), plan=str(path),
+                           topology=tag_jax.Topology.preset("1x8-a100-nvlink"))(m1, o1, batch)
+    with pytest.raises(ValueError, match=r"runs on devices \[0, 1, 2, 3, 4, 5, 6, 7\].*has \[0, 1, 2, 3\]"):
+        tag_jax.auto_shard(nnx_jit_style_step, jax.devices()[:4], plan=str(path))

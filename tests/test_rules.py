@@ -128,6 +128,7 @@ def _synthetic(mesh):
     img = jax.ShapeDtypeStruct((4, 6, 6, 8), f32)
     w = jax.ShapeDtypeStruct((3, 3, 8, 4), f32)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a typed PRNG key
+    c64 = jax.ShapeDtypeStruct((4, 8, 6), jnp.complex64)
 
     def conv_loss(a, k):
         y = lax.conv_general_dilated(a, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -165,6 +166,9 @@ def _synthetic(mesh):
         _eqn_case(lambda a: lax.broadcasted_iota(i32, (4, 8, 6), 1), x, mesh=mesh),
         *[_eqn_case(jax.grad(conv_loss, argnums=(0, 1)), img, w, mesh=mesh, primitive="conv_general_dilated",
                     index=k) for k in range(3)],  # forward, input gradient, weight gradient
+        _eqn_case(lambda a: lax.fft(a, "fft", (6,)), c64, mesh=mesh),
+        _eqn_case(lambda a: lax.fft(a, "rfft", (8, 6)), x, mesh=mesh),
+        _eqn_case(lambda a: lax.fft(a, "irfft", (10,)), c64, mesh=mesh),
         _eqn_case(lambda a: a.reshape(4, 2, 4, 6), x, mesh=mesh),
         _eqn_case(lambda a: a.reshape(32, 6), x, mesh=mesh),
         _eqn_case(lambda a: jnp.clip(a, 0.7, 1.2), x, mesh=mesh),

@@ -1,4 +1,4 @@
-"""Reductions, scans along an axis, sorting and windowed ops.
+"""Reductions, scans along an axis, sorting, FFTs and windowed ops.
 
 Kept dimensions split freely. A reduced dimension splits only for ``reduce_sum`` (the output becomes a
 partial sum); max/min/argmax/cumulative/sort axes need communication and are never split. Windowed ops
@@ -50,6 +50,17 @@ def _along_axis(key: str, linear: bool = False):
 register("cumsum")(_along_axis("axis", linear=True))
 register("cumprod", "cummax", "cummin", "cumlogsumexp")(_along_axis("axis"))
 register("sort")(_along_axis("dimension"))
+
+
+@register("fft")
+def _fft(in_avals, out_avals, params):
+    # the transform runs over the trailing len(fft_lengths) dims (never split); the leading ones
+    # split freely, and a partial sum passes through, as the transform is linear
+    shape = _s(in_avals[0])
+    lead = len(shape) - len(params["fft_lengths"])
+    ins = tuple(_lab(i, n) if i < lead else None for i, n in enumerate(shape))
+    outs = ins[:lead] + (None,) * (len(_s(out_avals[0])) - lead)
+    return Factors((ins,), (outs,), linear=((0,),))
 
 
 @register("top_k")

@@ -155,7 +155,10 @@ def _random(aval, rng, bound):
         lo, hi = (0, bound) if bound is not None else (1, 4)
         return rng.integers(lo, max(hi, lo + 1), size=shape).astype(dtype)
     # dyadic values k/8 in [0.5, 1.5]: sums and products of a few are exact in float32
-    return (rng.integers(4, 13, size=shape) / 8.0).astype(dtype)
+    value = rng.integers(4, 13, size=shape) / 8.0
+    if np.issubdtype(dtype, np.complexfloating):  # both parts, so a lost imaginary part shows
+        value = value + 1j * (rng.integers(4, 13, size=shape) / 8.0)
+    return value.astype(dtype)
 
 
 def _numpy(x) -> np.ndarray:
@@ -247,7 +250,8 @@ def _compare(got, want) -> str | None:
     if np.issubdtype(want.dtype, np.inexact):
         tight = np.dtype(want.dtype).itemsize >= 4
         rtol, atol = (1e-5, 1e-6) if tight else (1e-2, 1e-2)
-        g, w = got.astype(np.float64), want.astype(np.float64)
+        wide = np.complex128 if np.issubdtype(want.dtype, np.complexfloating) else np.float64
+        g, w = got.astype(wide), want.astype(wide)
         bad = ~np.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
         if bad.any():
             i = np.unravel_index(np.argmax(bad), bad.shape)
