@@ -1,10 +1,11 @@
 """auto_shard: plans that run, equal the unsharded step, and are never worse than a baseline."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tag_jax
-from tag_jax import models
+from tag_jax import models, rules
 from tag_jax.search.planner import PlanningError
 
 TOPO = tag_jax.Topology.preset("2x4-v100-25gbe")
@@ -260,3 +261,22 @@ def test_search_reports_the_seeds_over_the_memory_limit():
                time_budget_s=1.0, memory_limit=limit, permute=False)
     assert "data_parallel (data=8)" in r.over_memory and "fsdp (data=8)" not in r.over_memory
     assert set(r.over_memory) <= set(r.seeds) and r.cost.peak_memory_bytes <= limit
+
+
+def test_a_step_with_spectral_features_equals_the_unsharded_step():
+    # jnp.fft runs under the fft rule: batch dims split, the transformed dims whole
+    def step(w, x):
+        def loss(w):
+            spectrum = jnp.abs(jnp.fft.rfft(x, axis=-1))  # (batch, 33) features
+            return jnp.mean((spectrum @ w) ** 2)
+        value, g = jax.value_and_grad(loss)(w)
+        return w - 0.01 * g, value
+
+    w = jax.random.normal(jax.random.key(0), (33, 16)) / 8
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    sharded = tag_jax.auto_shard(step, _mesh(), topology=TOPO, time_budget_s=0.5)
+    got, want = sharded(w, x), jax.jit(step)(w, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    graph = tag_jax.trace(step, w, x)
+    assert "fft" in {op.primitive for op in graph.ops} and not rules.unknown_primitives(graph)

@@ -113,6 +113,9 @@ def test_zoo_strategies_validate(zoo_ops, group, mesh_name):
 def _eqn_case(fn, *args, mesh, primitive=None, index=0):
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     eqns = [e for e in jaxpr.eqns if primitive is None or e.primitive.name == primitive]
+    while not eqns and len(jaxpr.eqns) == 1 and "jaxpr" in jaxpr.eqns[0].params:  # inside a jit
+        jaxpr = jaxpr.eqns[0].params["jaxpr"].jaxpr
+        eqns = [e for e in jaxpr.eqns if e.primitive.name == primitive]
     e = eqns[index]
     in_avals = tuple(v.aval for v in e.invars)
     out_avals = tuple(v.aval for v in e.outvars)
@@ -166,9 +169,9 @@ def _synthetic(mesh):
         _eqn_case(lambda a: lax.broadcasted_iota(i32, (4, 8, 6), 1), x, mesh=mesh),
         *[_eqn_case(jax.grad(conv_loss, argnums=(0, 1)), img, w, mesh=mesh, primitive="conv_general_dilated",
                     index=k) for k in range(3)],  # forward, input gradient, weight gradient
-        _eqn_case(lambda a: lax.fft(a, "fft", (6,)), c64, mesh=mesh),
-        _eqn_case(lambda a: lax.fft(a, "rfft", (8, 6)), x, mesh=mesh),
-        _eqn_case(lambda a: lax.fft(a, "irfft", (10,)), c64, mesh=mesh),
+        _eqn_case(lambda a: lax.fft(a, "fft", (6,)), c64, mesh=mesh, primitive="fft"),
+        _eqn_case(lambda a: lax.fft(a, "rfft", (8, 6)), x, mesh=mesh, primitive="fft"),
+        _eqn_case(lambda a: lax.fft(a, "irfft", (10,)), c64, mesh=mesh, primitive="fft"),
         _eqn_case(lambda a: a.reshape(4, 2, 4, 6), x, mesh=mesh),
         _eqn_case(lambda a: a.reshape(32, 6), x, mesh=mesh),
         _eqn_case(lambda a: jnp.clip(a, 0.7, 1.2), x, mesh=mesh),
