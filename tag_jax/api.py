@@ -114,9 +114,13 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
         # one budget for both: the search gets 80% of it, compression the rest (at least 0.5 s)
         search_s = time_budget_s * (0.8 if compression != "none" else 1.0)
         compress_s = max(0.5, time_budget_s - search_s)
+        permute = not keep_device_order
+        if any(op.primitive == "shard_map" for op in graph.ops):
+            _check_manual_mesh(graph, mesh)
+            permute = False  # the shard_map regions run on their mesh as written
         result = search(graph, topo, device_ids, mesh_shape=shape, axis_names=names,
                         time_budget_s=search_s, seed=seed, progress=progress,
-                        permute=not keep_device_order, policy=guide, given=hand_written, **per_mesh)
+                        permute=permute, policy=guide, given=hand_written, **per_mesh)
         strategy, cost, choices, uncompressed = result.strategy, result.cost, (), None
         if compression != "none":
             from tag_jax.search.compression import joint_select
@@ -125,7 +129,7 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
             if memory_limit is None:  # the chosen mesh's own devices (maybe only the faster ones)
                 limit = USABLE_MEMORY * min(topo.device_memory(i) for i in result.strategy.mesh.device_ids)
             sel, _ = joint_select(graph, topo, result, device_ids, compression, mesh_shape=shape,
-                                  axis_names=names, permute=not keep_device_order, memory_limit=limit,
+                                  axis_names=names, permute=permute, memory_limit=limit,
                                   deadline=deadline)
             if sel.choices and sel.cost.step_time_s < result.cost.step_time_s:
                 name = sel.strategy.name
@@ -149,6 +153,25 @@ def auto_shard(fn: Callable, mesh: Mesh | Sequence[Any] | None = None, *, topolo
 
     return UnevenFunction(fn, spmd, topo, device_ids, mode=uneven, memory_limit=memory_limit,
                           compiler_options=compiler_options)
+
+
+def _check_manual_mesh(graph: OpGraph, mesh: Any) -> None:
+    """A step with shard_map regions is planned on their mesh, as given: axes and device order."""
+    from tag_jax.emit.mesh import mesh_spec
+
+    for op in graph.ops:
+        if op.primitive != "shard_map":
+            continue
+        own = mesh_spec(op.params["mesh"])
+        given = mesh_spec(mesh) if isinstance(mesh, Mesh) else None
+        if given != own:
+            what = (f"mesh {dict(zip(given.axis_names, given.shape))} over devices "
+                    f"{list(given.device_ids)}" if given is not None else
+                    "a list of devices" if mesh is not None else "no mesh")
+            raise ValueError(f"{op.where()} runs on mesh {dict(zip(own.axis_names, own.shape))} over "
+                             f"devices {list(own.device_ids)}, but auto_shard was given {what}: pass "
+                             "the shard_map's own jax.sharding.Mesh as `mesh` (its axes and device "
+                             "order are kept)")
 
 
 def _with_saved_plan(fn, mesh, saved, topology, donate_argnums, static_argnums, compiler_options,

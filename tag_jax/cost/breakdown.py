@@ -11,7 +11,8 @@ device wait for the slowest shard). `breakdown` says what that means for each de
   next to 1080Ti), every device's busy time is below it.
 - `idle_s`: `cost.compute_s - compute_s`, the compute time the device spends waiting for the pace
   the slowest figures set (0 for the slowest, positive for faster ones).
-- `comm_s`: the collectives of the step (the Cost's reshards) priced on this device's own group
+- `comm_s`: the collectives of the step (the Cost's reshards, and shard_map bodies' own) priced
+  on this device's own group
   (`Topology.collective_time` per group, the call `reshard.comm_time` takes the maximum of); the
   Cost's `comm_s` is the sum over collectives of the slowest group, so it bounds every device's.
   Compression the Simulator cannot express (row-sparse, lossy) is not in the per-device figure.
@@ -67,7 +68,8 @@ def breakdown(graph, op_strategies: Sequence[Sequence[OpStrategy]], strategy: St
     priced = cost if cost is not None and cost.reshards is not None else sim.cost(strategy, per_op=True)
     cost = cost if cost is not None else priced
     busy = _busy_by_figures(graph, op_strategies, strategy, topology, sim, cost, carried)
-    comm = _comm_by_device(priced.reshards or (), mesh, topology)
+    comm = _comm_by_device(tuple(priced.reshards or ()) + ((None, None, None, sim.manual_comms(), 0.0),),
+                           mesh, topology)
     rows = []
     for i in mesh.device_ids:
         d = topology.device(i)

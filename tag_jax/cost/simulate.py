@@ -442,6 +442,34 @@ class Simulator:
         self._slice_cache: dict = {}            # (tensor, src, dst) -> `_only_sliced` and its inputs
         self._chain_cache: dict = {}            # (tensor, pin) -> `_select_chains`' moves and inputs
         self._out_set = frozenset(g.outputs)
+        self._manual_comms()
+
+    def _manual_comms(self) -> None:
+        """shard_map bodies' own collectives (`tag_jax.cost.manual`): priced on this mesh's groups,
+        their time added to the op's (they run inside it, nothing overlaps them), their bytes to
+        every strategy's (the op has one option)."""
+        self._manual_kb = np.zeros(len(KINDS))
+        self._manual_s = 0.0
+        self._manual: tuple = ()
+        ops = [op for op in self.graph.ops if op.primitive == "shard_map" and op.eqn is not None]
+        if not ops:
+            return
+        from tag_jax.cost.manual import body_comms
+
+        comp = self._comp.copy()
+        for op in ops:
+            seconds = 0.0
+            for c in body_comms(op.eqn):
+                self._manual += (c,) * op.trips
+                seconds += op.trips * self.comm_seconds(c)
+                self._manual_kb[_KIND_INDEX[c.kind]] += op.trips * c.bytes
+            comp[self._sh["row_base"][op.id]] += seconds
+            self._manual_s += seconds
+        self._comp = comp
+
+    def manual_comms(self) -> tuple:
+        """The collectives shard_map bodies issue per step (`Comm`s, repeated per trip)."""
+        return self._manual
 
     def _ensure_shards(self) -> None:
         items = self._sh["sh"].items
@@ -1228,8 +1256,9 @@ class Simulator:
         if len(ut):
             kb = self._sliced_all_reduces(kb, slots, ut, us, ud, c, tsh)
             kb = self._shared_gathers(kb, slots, ut, us)
-        compute_s = float(comp.sum())
-        comm_s = float(dur.sum())
+        compute_s = float(comp.sum()) - self._manual_s
+        comm_s = float(dur.sum()) + self._manual_s
+        kb = kb + self._manual_kb
         live = np.flatnonzero(dur > 0)  # free reshards (local slices) never wait for the network
         if overlap and live.size:
             step = self._schedule(comp, sh["producer"][ut[live]], first[live], dur[live],

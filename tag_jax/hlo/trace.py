@@ -8,6 +8,7 @@ trip count, with the bodies kept as sub-graphs.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -33,8 +34,6 @@ _UNSUPPORTED = {
     "pure_callback": "a host callback runs Python on one device; its cost and sharding are unknown. "
                      "Move it outside the function you plan, or replace it with jax.numpy code",
     "io_callback": "an I/O callback is a side effect; keep it outside the planned step",
-    "shard_map": "the function already partitions itself with shard_map; plan the per-device-agnostic "
-                 "version, or call tag_jax on the code around it",
     "xla_pmap": "pmap is manual multi-device code; use a plain function and let tag_jax shard it",
 }
 
@@ -186,6 +185,9 @@ class _Builder:
         if subgraphs:
             flops = (max(g.flops for g in subgraphs) if prim == "cond" else sum(g.flops for g in subgraphs))
             moved = (max(g.bytes for g in subgraphs) if prim == "cond" else sum(g.bytes for g in subgraphs))
+            if prim == "shard_map":  # the body runs on every device: its work, as if split that way
+                k = shard_map_devices(eqn)
+                flops, moved = flops * k, moved * k
         else:
             flops = trips * _flops.primitive_flops(prim, in_avals, out_avals, eqn.params)
             moved = trips * _flops.bytes_moved(in_avals, out_avals)
@@ -209,6 +211,9 @@ class _Builder:
             branch_roles = in_roles[1:]
             return tuple(trace_jaxpr(br, branch_roles, trips, f"cond branch {i}")
                          for i, br in enumerate(p["branches"])), 1, True
+        if prim == "shard_map":
+            check_shard_map(eqn)
+            return (trace_jaxpr(p["jaxpr"], in_roles, trips, "shard_map body"),), 1, True
         if prim == "while":
             count = _while_trip_count(eqn, self)
             n = trips * (count or 1)
@@ -225,6 +230,31 @@ class _Builder:
         return OpGraph(ops=tuple(self.ops), tensors=tensors, inputs=tuple(inputs),
                        outputs=tuple(outputs), in_tree=in_tree, out_tree=out_tree, name=name,
                        constants=dict(self.constants))
+
+
+def shard_map_devices(eqn: Any) -> int:
+    """Devices among which a shard_map splits its work: the product of the mesh axes its specs
+    name (the others hold copies), as the rule's option splits the op over them."""
+    return math.prod(eqn.params["mesh"].shape[a] for a in shard_map_axes(eqn))
+
+
+def shard_map_axes(eqn: Any) -> tuple[str, ...]:
+    """Mesh axes named by a shard_map's in_specs and out_specs, in mesh order."""
+    named = set()
+    for spec in tuple(eqn.params["in_specs"]) + tuple(eqn.params["out_specs"]):
+        for entry in spec:
+            named.update((entry,) if isinstance(entry, str) else tuple(entry or ()))
+    return tuple(a for a in eqn.params["mesh"].axis_names if a in named)
+
+
+def check_shard_map(eqn: Any) -> None:
+    """A shard_map is planned as one fixed op over its own mesh: all of that mesh's axes manual."""
+    mesh, manual = eqn.params["mesh"], eqn.params.get("newly_manual_axes")
+    if manual is not None and set(manual) != set(mesh.axis_names):
+        auto = sorted(set(mesh.axis_names) - set(manual))
+        raise TraceError(f"shard_map at {source_of(eqn)} leaves mesh axes {auto} to the compiler "
+                         "(axis_names=...); tag_jax plans shard_map regions that are manual over "
+                         "every axis of their mesh: drop axis_names, or plan the code around it")
 
 
 def _while_trip_count(eqn: Any, b: _Builder) -> int | None:

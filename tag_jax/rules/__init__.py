@@ -7,7 +7,8 @@
     validate(primitive, in_avals, out_avals, params, mesh, strategy)  -> None, or raises RuleError
     validate_many(cases, mesh)    -> failure messages; many ops and strategies in one compile
 
-Every strategy runs the op with no communication inside it; index 0 is always full replication.
+Every strategy runs the op with no communication inside it; index 0 is always full replication,
+but for a `shard_map` region, whose one option is its own specs (`manual.py`).
 `mesh_axes` is a mapping of axis name to size (or a `Mesh` / `MeshSpec`); axes of size 1 are never
 used, each axis splits at most one dimension of a tensor, two axes on one dimension go in mesh order,
 and a dimension is split only by axes whose product divides it.

@@ -85,6 +85,10 @@ def strategies(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any]
     `mesh_axes` maps axis names to sizes (a `jax.sharding.Mesh` or `tag_jax.strategy.MeshSpec` works too).
     """
     mesh_axes = mesh_axes_of(mesh_axes)
+    if primitive == "shard_map":  # written by hand: its one option (`tag_jax.rules.manual`)
+        from tag_jax.rules.manual import shard_map_strategies
+
+        return tuple(_interned(s) for s in shard_map_strategies(in_avals, out_avals, params, mesh_axes))
     key = _key(primitive, in_avals, out_avals, params, mesh_axes)
     hit = _CACHE.get(key)
     if hit is None:
@@ -120,8 +124,13 @@ def for_graph(graph: Any, mesh_axes: Mapping[str, int]) -> tuple[tuple[OpStrateg
             out_avals = [_Aval(graph.tensors[t].shape) for t in op.outputs]
             out.append(strategies("<no equation>", in_avals, out_avals, {}, mesh_axes))
             continue
-        out.append(strategies(op.primitive, [v.aval for v in eqn.invars], [v.aval for v in eqn.outvars],
-                              eqn.params, mesh_axes))
+        try:
+            out.append(strategies(op.primitive, [v.aval for v in eqn.invars],
+                                  [v.aval for v in eqn.outvars], eqn.params, mesh_axes))
+        except RuleError as exc:
+            if op.primitive != "shard_map":
+                raise
+            raise RuleError(f"{op.where()}: {exc}") from None
     return tuple(out)
 
 
@@ -142,7 +151,7 @@ def unknown_primitives(graph_or_names: Any) -> tuple[str, ...]:
         names: Iterable[str] = (op.primitive for op in graph_or_names.ops)
     else:
         names = graph_or_names
-    return tuple(sorted({n for n in names if n not in _RULES}))
+    return tuple(sorted({n for n in names if n not in _RULES and n != "shard_map"}))
 
 
 class _Aval:
