@@ -502,7 +502,8 @@ class ShardedFunction:
         from tag_jax.hlo.trace import trace
 
         inner, args = self._route(args, kwargs)
-        return trace(inner.fn, *abstract(args), name=self.__name__, roles=self.roles)
+        with auto_axes_context():
+            return trace(inner.fn, *abstract(args), name=self.__name__, roles=self.roles)
 
     def _objects(self, args: tuple) -> tuple["ShardedFunction", tuple, tuple[int, ...]] | None:
         """Flax NNX objects among the arguments (`tag_jax.nnx_objects`): the planned function of
@@ -558,7 +559,9 @@ class ShardedFunction:
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         inner, args = self._route(args, kwargs)
-        return inner._program(signature(args), args).lower(*args)
+        program = inner._program(signature(args), args)
+        with auto_axes_context():
+            return program.lower(*args)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = self._positional(args, kwargs)
@@ -590,7 +593,8 @@ class ShardedFunction:
             for x in stale:
                 if id(x) not in kept and not x.is_deleted():
                     x.delete()
-        return program(*placed)
+        with auto_axes_context():
+            return program(*placed)
 
     def __repr__(self) -> str:
         n = len(self._plans) + sum(len(b._plans) for b in self._bound.values())
@@ -601,6 +605,25 @@ class ShardedFunction:
 
 def _no_planner(graph: OpGraph) -> Plan:
     raise AssertionError("only traced")  # pragma: no cover
+
+
+def auto_axes_context() -> Any:
+    """Inside `jax.set_mesh(mesh)` with Explicit axes, the same mesh with Auto axes; else nothing.
+
+    A planned program places its own shardings (Auto axes); traced or run under the caller's
+    Explicit context, JAX would check its values' types against that context instead."""
+    import contextlib
+
+    current = jax.sharding.get_abstract_mesh()
+    if current.empty or not current._any_axis_explicit:
+        return contextlib.nullcontext()
+    auto = jax.sharding.AxisType.Auto
+    concrete = jax.sharding.get_mesh()
+    if getattr(concrete, "empty", True):
+        return jax.sharding.use_abstract_mesh(
+            current.update_axis_types({a: auto for a in current.axis_names}))
+    return jax.set_mesh(Mesh(concrete.devices, concrete.axis_names,
+                             axis_types=(auto,) * len(concrete.axis_names)))
 
 
 def named_like(wrapper: Callable, fn: Callable, kept: Sequence[int], first: str | None = None) -> Callable:

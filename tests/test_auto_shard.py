@@ -280,3 +280,57 @@ def test_a_step_with_spectral_features_equals_the_unsharded_step():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     graph = tag_jax.trace(step, w, x)
     assert "fft" in {op.primitive for op in graph.ops} and not rules.unknown_primitives(graph)
+
+
+def test_a_step_called_inside_an_explicit_mesh_context_equals_jit():
+    # users of JAX's explicit sharding mode call steps inside jax.set_mesh(mesh): the planned
+    # program still places its own (Auto) shardings, and takes explicitly sharded arrays
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+    def step(w, x):
+        value, g = jax.value_and_grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(w)
+        return w - 0.1 * g, value
+
+    w = jax.random.normal(jax.random.key(0), (64, 16)) / 8
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+        sharded = tag_jax.auto_shard(step, mesh, topology=TOPO, time_budget_s=0.5)
+        got, want = sharded(w, x), jax.jit(step)(w, x)
+        again, want_again = sharded(got[0], x), jax.jit(step)(want[0], x)
+    for a, b in zip(got + again, want + want_again):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_a_users_sharding_constraint_is_a_hint_the_plan_replaces():
+    # with_sharding_constraint in the step names a layout for the user's mesh; the plan chooses
+    # every layout, so the constraint runs as the identity in any of them (it used to have no
+    # rule: replicated only, while the emitted program re-imposed the user's layout)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tag_jax.hlo import collective_bytes_by_kind, collectives
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def step(w, x):
+        def loss(w):
+            h = jax.lax.with_sharding_constraint(x @ w, NamedSharding(mesh, P(None, "model")))
+            return jnp.mean(jnp.tanh(h) ** 2)
+        value, g = jax.value_and_grad(loss)(w)
+        return w - 0.1 * g, value
+
+    w = jax.random.normal(jax.random.key(0), (64, 32)) / 8
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    graph = tag_jax.trace(step, w, x)
+    marked = [op for op in graph.ops if op.primitive == "sharding_constraint"]
+    assert len(marked) == 2  # the forward's, and its transpose in the backward pass
+    for op in marked:
+        options = rules.for_graph(graph, {"data": 2, "model": 4})[op.id]
+        assert {str(s.outputs[0]) for s in options} >= {"P(None, None)", "P(data, model)", "P(model, data)"}
+    sharded = tag_jax.auto_shard(step, mesh, topology=TOPO, time_budget_s=1.0)
+    for a, b in zip(sharded(w, x), jax.jit(step)(w, x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    plan = sharded.plan(w, x)
+    compiled = collective_bytes_by_kind(collectives(sharded.lower(w, x).compile()))
+    assert {k: v for k, v in plan.cost.comm_bytes_by_kind.items() if v} == {k: v for k, v in compiled.items() if v}

@@ -169,6 +169,9 @@ def _synthetic(mesh):
         _eqn_case(lambda a: lax.broadcasted_iota(i32, (4, 8, 6), 1), x, mesh=mesh),
         *[_eqn_case(jax.grad(conv_loss, argnums=(0, 1)), img, w, mesh=mesh, primitive="conv_general_dilated",
                     index=k) for k in range(3)],  # forward, input gradient, weight gradient
+        _eqn_case(lambda a: jax.lax.with_sharding_constraint(
+            a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())), x, mesh=mesh,
+            primitive="sharding_constraint"),
         _eqn_case(lambda a: lax.fft(a, "fft", (6,)), c64, mesh=mesh, primitive="fft"),
         _eqn_case(lambda a: lax.fft(a, "rfft", (8, 6)), x, mesh=mesh, primitive="fft"),
         _eqn_case(lambda a: lax.fft(a, "irfft", (10,)), c64, mesh=mesh, primitive="fft"),

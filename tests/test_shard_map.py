@@ -106,3 +106,14 @@ def test_a_partly_manual_shard_map_is_refused_naming_the_auto_axes():
 
     with pytest.raises(TraceError, match=r"leaves mesh axes \['model'\] to the compiler"):
         tag_jax.trace(fn, jax.ShapeDtypeStruct((16, 8), jnp.float32))
+
+
+def test_a_shard_map_over_an_explicit_mesh_is_refused_saying_to_use_auto_axes():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+    def fn(x):
+        return shard_map(lambda a: a * 2.0, mesh=mesh, in_specs=P("data", "model"),
+                         out_specs=P("data", "model"))(x)
+
+    with pytest.raises(TraceError, match=r"needs a mesh with Auto axes"):
+        tag_jax.trace(fn, jax.ShapeDtypeStruct((16, 8), jnp.float32))

@@ -40,6 +40,10 @@ def evaluate(graph: OpGraph, flat_args: Sequence[Any],
             for tid, value in zip(op.outputs, replaced):
                 env[tid] = hook(tid, value)
             continue
+        if op.primitive == "sharding_constraint":  # the user's layout hint: the plan replaces it
+            for tid, value in zip(op.outputs, invals):
+                env[tid] = hook(tid, value)
+            continue
         params = eqn.primitive.get_bind_params(eqn.params)
         # Keep the op's name stack and source so a re-traced program reads like the original.
         name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack

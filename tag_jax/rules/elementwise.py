@@ -6,6 +6,8 @@ same axes, ``mul`` with exactly one partial input, ``div`` with a partial numera
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from tag_jax.rules.factors import Factors
@@ -84,3 +86,12 @@ def _bitcast(in_avals, out_avals, params):
     labs = tuple(f"d{i}" if a[i] > 1 else None for i in range(n - (len(a) == len(b))))
     pad = lambda s: labs + (None,) * (len(s) - len(labs))
     return Factors((pad(a),), (pad(b),))
+
+
+@register("sharding_constraint", uses_params=False)
+def _user_constraint(in_avals, out_avals, params):
+    # a `with_sharding_constraint` in the user's step is a layout hint for their own mesh: the plan
+    # chooses every layout, so it is the identity here (any layout, partial sums pass) and
+    # `tag_jax.hlo.evaluate` drops it from the emitted program
+    f = _rule(_first)(in_avals, out_avals, params)
+    return dataclasses.replace(f, impl=lambda p, args, strategy, mesh_axes: list(args))
