@@ -334,3 +334,17 @@ def test_a_users_sharding_constraint_is_a_hint_the_plan_replaces():
     plan = sharded.plan(w, x)
     compiled = collective_bytes_by_kind(collectives(sharded.lower(w, x).compile()))
     assert {k: v for k, v in plan.cost.comm_bytes_by_kind.items() if v} == {k: v for k, v in compiled.items() if v}
+
+
+def test_explicit_sharding_calls_inside_the_step_are_refused_saying_what_to_drop():
+    from jax.sharding import AxisType, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+    def step(w, x):
+        return jnp.dot(x, w, out_sharding=P("data", None))
+
+    with jax.set_mesh(mesh):
+        sharded = tag_jax.auto_shard(step, mesh, topology=TOPO, time_budget_s=0.5)
+        with pytest.raises(tag_jax.TraceError, match=r"explicit-sharding calls inside it .*cannot run"):
+            sharded.plan(jax.ShapeDtypeStruct((64, 16), jnp.float32), jax.ShapeDtypeStruct((32, 64), jnp.float32))
