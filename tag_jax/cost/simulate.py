@@ -451,20 +451,27 @@ class Simulator:
         self._manual_kb = np.zeros(len(KINDS))
         self._manual_s = 0.0
         self._manual: tuple = ()
-        ops = [op for op in self.graph.ops if op.primitive == "shard_map" and op.eqn is not None]
-        if not ops:
+        def regions(op) -> list:  # the op itself, or the regions inside a loop or branch body
+            if op.primitive == "shard_map" and op.eqn is not None:
+                return [op]
+            return [r for g in op.subgraphs for o in g.ops for r in regions(o)]
+
+        found = [(op, regions(op)) for op in self.graph.ops]
+        if not any(r for _, r in found):
             return
         from tag_jax.cost.manual import body_comms
 
         comp = self._comp.copy()
-        for op in ops:
+        for op, inner in found:
             seconds = 0.0
-            for c in body_comms(op.eqn):
-                self._manual += (c,) * op.trips
-                seconds += op.trips * self.comm_seconds(c)
-                self._manual_kb[_KIND_INDEX[c.kind]] += op.trips * c.bytes
-            comp[self._sh["row_base"][op.id]] += seconds
-            self._manual_s += seconds
+            for region in inner:  # a region in a scan body: its `trips` count the iterations
+                for c in body_comms(region.eqn):
+                    self._manual += (c,) * region.trips
+                    seconds += region.trips * self.comm_seconds(c)
+                    self._manual_kb[_KIND_INDEX[c.kind]] += region.trips * c.bytes
+            if seconds:
+                comp[self._sh["row_base"][op.id]:self._sh["row_base"][op.id] + len(self.op_strategies[op.id])] += seconds
+                self._manual_s += seconds
         self._comp = comp
 
     def manual_comms(self) -> tuple:

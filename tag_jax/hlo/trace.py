@@ -64,15 +64,15 @@ def trace(fn: Callable, *args: Any, static_argnums: Sequence[int] | int = (),
         if "not a valid JAX type" in str(exc):
             hint = ("; a planned function takes and returns arrays (pytrees of arrays): pass other "
                     "arguments via static_argnums and compute non-array results outside it")
+        elif "in_specs passed to shard_map" in str(exc):
+            hint = ("; tag_jax traces the step on shapes alone (the plan chooses the layouts), so a "
+                    "shard_map inside it needs a mesh with Auto axes: jax.make_mesh(shape, names, "
+                    "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
         elif "of type Auto" in str(exc) or "reshard" in str(exc):
             hint = ("; tag_jax chooses the layouts itself and traces the step with Auto mesh axes, "
                     "so explicit-sharding calls inside it (out_sharding=..., jax.sharding.reshard) "
                     "cannot run: drop them from the step you plan (with_sharding_constraint hints "
                     "are fine)")
-        elif "in_specs passed to shard_map" in str(exc):
-            hint = ("; tag_jax traces the step on shapes alone (the plan chooses the layouts), so a "
-                    "shard_map inside it needs a mesh with Auto axes: jax.make_mesh(shape, names, "
-                    "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
         raise TraceError(f"tracing {name} failed: {type(exc).__name__}: {exc}{hint}") from exc
 
     arg_names = _argument_names(fn, len(args))
