@@ -20,7 +20,8 @@ add/sub/add_any (all inputs partial alike), mul (one input partial), div (numera
 stop_gradient, float convert_element_type, transpose, reshape, broadcast_in_dim, squeeze, rev, cumsum,
 reduce_sum, scatter-add (operand and updates). Random bits from a typed key split freely (`random.py`). Embedding tables split on rows (vocabulary) too: a
 lookup masks the rows a device lacks (partial output), a scatter-add drops updates for other rows
-(out-of-range indices then give zeros instead of jax's fill or clip). scan/while/cond run replicated (their bodies are priced
+(out-of-range indices then give zeros instead of jax's fill or clip). while/cond run replicated, a scan also with a split carried through its body without
+communication (`loops.py`) (bodies are priced
 through sub-graphs); primitives with no rule run replicated and are listed by `unknown_primitives`.
 
 On meshes of three or more usable axes the lists grow as (factors + 1) ** axes (GPT-2 small on 2x2x2:

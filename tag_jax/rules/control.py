@@ -1,4 +1,4 @@
-"""Control flow (scan, while, cond) runs replicated: a strategy for a loop would have to fix the
+"""Control flow (while, cond; scan too, besides the splits of `loops.py`) runs replicated: a strategy for a loop would have to fix the
 shardings of its whole body; the planner prices the body's ops through the op's sub-graphs instead."""
 from __future__ import annotations
 

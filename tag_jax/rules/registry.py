@@ -89,6 +89,11 @@ def strategies(primitive: str, in_avals: Sequence[Any], out_avals: Sequence[Any]
         from tag_jax.rules.manual import shard_map_strategies
 
         return tuple(_interned(s) for s in shard_map_strategies(in_avals, out_avals, params, mesh_axes))
+    if primitive == "scan" and "jaxpr" in params:  # the body's communication-free splits
+        from tag_jax.rules.loops import scan_strategies
+
+        plain = strategies("<replicated>", in_avals, out_avals, {}, mesh_axes)
+        return tuple(_interned(s) for s in scan_strategies(in_avals, out_avals, params, mesh_axes, plain))
     key = _key(primitive, in_avals, out_avals, params, mesh_axes)
     hit = _CACHE.get(key)
     if hit is None:
