@@ -327,7 +327,8 @@ class Plan:
                 raise PlanMismatchError(
                     f"{path} was planned for function `{d['function']}` (graph fingerprint "
                     f"{d['graph_fingerprint'][:12]}), but `{graph.name}` with these arguments traces "
-                    f"to another program ({len(graph.ops)} ops, fingerprint {got[:12]}); load it with "
+                    f"to another program ({len(graph.ops)} ops, fingerprint {got[:12]})"
+                    f"{_first_difference(d.get('arguments') or [], graph)}; load it with "
                     "the function and argument shapes it was planned for, or plan this one anew")
         spec = MeshSpec(tuple(d["mesh"]["shape"]), tuple(d["mesh"]["axis_names"]),
                         tuple(d["mesh"]["device_ids"]))
@@ -397,7 +398,18 @@ def signature(args: Any) -> tuple:
     on every call of a planned step, so arrays are read directly (~0.3 us a leaf, not ~20 us
     through `abstract`)."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    return (tree, tuple(_leaf_signature(x) for x in leaves))
+    try:
+        return (tree, tuple(_leaf_signature(x) for x in leaves))
+    except TypeError:  # name the argument, as jax.jit does (only now: the fast path has no paths)
+        for path, x in jax.tree_util.tree_flatten_with_path(args)[0]:
+            try:
+                _leaf_signature(x)
+            except TypeError:
+                where = jax.tree_util.keystr(path)
+                raise TypeError(f"argument {where} is a {type(x).__name__} ({x!r:.40}), not an array: "
+                                "a planned step takes arrays (pytrees of arrays); pass Python values "
+                                "through static_argnums, or as arrays") from None
+        raise
 
 
 def _leaf_signature(x: Any) -> tuple:
@@ -602,6 +614,21 @@ class ShardedFunction:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _first_difference(saved: Sequence[Mapping], graph: OpGraph) -> str:
+    """The first argument whose path, shape or dtype differs from the saved plan's, in words."""
+    now = [graph.tensors[t] for t in graph.inputs]
+    for k, (a, t) in enumerate(zip(saved, now)):
+        was, got = f"{a['dtype']}{list(a['shape'])}", f"{t.dtype.name}{list(t.shape)}"
+        same_path = not (a.get("path") and t.path) or a["path"] == t.path
+        if was != got and same_path:
+            return f": argument {t.path or k} was {was} when planned, now {got}"
+        if not same_path:
+            return f": argument {k} was {a['path']} {was} when planned, now {t.path} {got}"
+    if len(saved) != len(now):
+        return f": {len(saved)} array arguments when planned, now {len(now)}"
+    return ": the arguments are alike, the function's body changed"
+
 
 def _no_planner(graph: OpGraph) -> Plan:
     raise AssertionError("only traced")  # pragma: no cover

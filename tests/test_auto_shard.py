@@ -348,3 +348,9 @@ def test_explicit_sharding_calls_inside_the_step_are_refused_saying_what_to_drop
         sharded = tag_jax.auto_shard(step, mesh, topology=TOPO, time_budget_s=0.5)
         with pytest.raises(tag_jax.TraceError, match=r"explicit-sharding calls inside it .*cannot run"):
             sharded.plan(jax.ShapeDtypeStruct((64, 16), jnp.float32), jax.ShapeDtypeStruct((32, 64), jnp.float32))
+
+
+def test_a_non_array_argument_is_named_with_what_to_do():
+    step = tag_jax.auto_shard(lambda x, tag: x * 2, _mesh(), topology=TOPO, time_budget_s=0.5)
+    with pytest.raises(TypeError, match=r"argument \[1\] is a str \('hello'\), not an array.*static_argnums"):
+        step(jnp.ones(8), "hello")
