@@ -592,6 +592,7 @@ class ShardedFunction:
         program = self._program(key, args)
         plan = self._plans[key]
         donated = _argnums(self.donate_argnums, len(args))
+        _refuse_deleted(args, plan)  # XLA:CPU crashes the process on a donated buffer
         stale: list = []  # donated caller arrays that were copied to the plan's layout
         placed = []
         for k, (a, s) in enumerate(zip(args, plan.in_shardings)):
@@ -686,6 +687,17 @@ def _argnums(argnums: int | Sequence[int], n: int) -> set[int]:
     """`donate_argnums` as a set of non-negative positions among `n` arguments."""
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     return {k + n if k < 0 else k for k in nums}
+
+
+def _refuse_deleted(args: tuple, plan: "Plan") -> None:
+    """A deleted (donated) array among the arguments, named, instead of XLA's segfault on a
+    multi-device program given a donated buffer."""
+    for k, arg in enumerate(args):
+        for path, x in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
+                raise RuntimeError(f"argument {k}{jax.tree_util.keystr(path)} of {plan.function} was "
+                                 "donated to an earlier call and is deleted: pass the value that "
+                                 "call returned")
 
 
 def _in_place(arg: Any, shardings: Any) -> bool:

@@ -152,3 +152,11 @@ def test_arguments_already_in_place_are_not_put_again(monkeypatch):
     assert len(puts) == 1  # the fresh batch only; the state came back in place
     np.testing.assert_allclose(np.asarray(s2["w"]), np.asarray(step(step(state, batch), batch)["w"]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_reusing_a_donated_state_is_refused_naming_the_leaf(fn):
+    # XLA:CPU kills the process (SIGSEGV) when a multi-device program gets a donated buffer
+    params = jax.device_put(_params(), fn.plan(_params(), _batch()).in_shardings[0])
+    fn(params, _batch())
+    with pytest.raises(RuntimeError, match=r"argument 0\[.b1.\] of \w+ was donated to an earlier call"):
+        fn(params, _batch())
